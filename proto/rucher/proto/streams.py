@@ -1,0 +1,151 @@
+"""The one definitions module for every JetStream stream and KV bucket Rucher uses.
+
+Every service creates what it needs from here, idempotently, at start (``rucher.bus.provision``),
+so definitions never drift between services. ``replicas`` is the wanted replica count, capped at
+the size of the NATS cluster actually reached. ``writers`` is documentation held by the code: who
+may write (the AsyncAPI document and proto/README.md are generated from it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+DAY = 86_400.0
+
+
+class Retention(StrEnum):
+    """JetStream retention policies, by the names the server uses."""
+
+    LIMITS = "limits"
+    WORK_QUEUE = "workqueue"
+
+
+@dataclass(frozen=True)
+class StreamDef:
+    """A JetStream stream: its subjects, retention and who writes and reads it."""
+
+    name: str
+    subjects: tuple[str, ...]
+    retention: Retention
+    max_age: float
+    max_bytes: int
+    duplicate_window: float
+    replicas: int
+    writers: str
+    readers: str
+    description: str
+
+
+@dataclass(frozen=True)
+class BucketDef:
+    """A JetStream KV bucket: history, TTLs and who writes it.
+
+    ``per_key_ttl`` enables per-message TTLs; expired keys then leave a delete marker (kept for
+    ``marker_ttl`` seconds) that watchers receive, which is how lease expiry is observed.
+    """
+
+    name: str
+    history: int
+    max_age: float
+    replicas: int
+    per_key_ttl: bool
+    writers: str
+    description: str
+    marker_ttl: float = 0.0
+
+
+EVENTS = StreamDef(
+    name="EVENTS",
+    subjects=("evt.>",),
+    retention=Retention.LIMITS,
+    max_age=7 * DAY,
+    max_bytes=1 << 30,
+    duplicate_window=120.0,
+    replicas=3,
+    writers="each service, for the events of its own bounded context",
+    readers="any service, through durable or ordered consumers",
+    description="Everything that happened in the cluster, past tense, de-duplicated by event id.",
+)
+
+COMMANDS = StreamDef(
+    name="COMMANDS",
+    subjects=("cmd.>",),
+    retention=Retention.WORK_QUEUE,
+    max_age=1 * DAY,
+    max_bytes=256 << 20,
+    duplicate_window=120.0,
+    replicas=3,
+    writers="the gateway and services that hand durable work to another service",
+    readers="the owning service: one durable pull consumer per subject filter",
+    description="Durable commands that must survive the restart of their consumer; removed once acked.",
+)
+
+TASKLOG = StreamDef(
+    name="TASKLOG",
+    subjects=("tasklog.>",),
+    retention=Retention.LIMITS,
+    max_age=30 * DAY,
+    max_bytes=1 << 30,
+    duplicate_window=120.0,
+    replicas=3,
+    writers="the task runner of the worker executing the task",
+    readers="the gateway (GET .../tasks/{upid}/log) and operators",
+    description="Task log lines, one message per line, subject tasklog.{node}.{upid token}.",
+)
+
+STREAMS: tuple[StreamDef, ...] = (EVENTS, COMMANDS, TASKLOG)
+
+TASKS = BucketDef(
+    name="tasks",
+    history=1,
+    max_age=30 * DAY,
+    replicas=3,
+    per_key_ttl=False,
+    writers="the task runner owning the task; the task reaper for tasks whose worker died",
+    description="Task state by UPID token: status, exit status, worker, times.",
+)
+
+GUESTS = BucketDef(
+    name="guests",
+    history=8,
+    max_age=0.0,
+    replicas=3,
+    per_key_ttl=False,
+    writers="the guest registry library in the owning agent (compute, container), by compare-and-set",
+    description="One config document per guest, key = VMID: owner node, config, digest, lock.",
+)
+
+LEASES = BucketDef(
+    name="leases",
+    history=1,
+    max_age=0.0,
+    replicas=3,
+    per_key_ttl=True,
+    marker_ttl=60.0,
+    writers="the current holder of each lease (acquire, renew, release), by compare-and-set",
+    description="Named leases and leader elections: holder, fencing token, expiry.",
+)
+
+SERVICES = BucketDef(
+    name="services",
+    history=1,
+    max_age=0.0,
+    replicas=3,
+    per_key_ttl=True,
+    marker_ttl=60.0,
+    writers="each service instance, for its own key, through the lease primitive",
+    description="The service registry: key service.node.instance, heartbeated as a lease.",
+)
+
+IDEMPOTENCY = BucketDef(
+    name="idempotency",
+    history=1,
+    max_age=600.0,
+    replicas=3,
+    per_key_ttl=False,
+    writers="the bus library, recording the reply to each command id it has applied",
+    description="Replies to already-applied commands, so a retried command is applied once.",
+)
+
+BUCKETS: tuple[BucketDef, ...] = (TASKS, GUESTS, LEASES, SERVICES, IDEMPOTENCY)
