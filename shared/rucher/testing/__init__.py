@@ -1,1 +1,1 @@
-"""Package."""
+"""Test support: real nats-server processes, the multi-node harness, and the pytest plugin."""
