@@ -6,7 +6,7 @@ from enum import StrEnum
 
 import msgspec
 
-from rucher.proto.base import Event, Kind, Scope, Subject
+from rucher.proto.base import Event, Kind, Reply, Scope, Subject
 from rucher.proto.errors import ErrorReply
 
 
@@ -48,6 +48,12 @@ class TaskLogLine(msgspec.Struct, frozen=True, kw_only=True):
     n: int
     t: str
     time: float
+
+
+class TaskAccepted(Reply, frozen=True, kw_only=True, tag="task.accepted"):
+    """The reply to a command that runs as a task: its UPID, to poll status and log."""
+
+    upid: str
 
 
 class TaskStarted(Event, frozen=True, kw_only=True, tag="task.started"):
