@@ -37,7 +37,7 @@ class Reply(Message, frozen=True, kw_only=True):
 
 
 class Kind(StrEnum):
-    """How a subject is carried: core request/reply, a durable command stream, or the event stream."""
+    """How a subject travels: core request/reply, the durable command stream, or events."""
 
     RPC = "rpc"
     COMMAND = "cmd"
@@ -63,8 +63,8 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
 class Subject(Generic[T]):
     """A subject pattern bound to its payload type, so publishing the wrong type is a type error.
 
-    ``pattern`` uses ``{param}`` placeholders for variable tokens (``evt.compute.guest.started.{node}``);
-    :meth:`to` fills them and :meth:`wildcard` replaces them with ``*`` for subscriptions.
+    ``pattern`` uses ``{param}`` placeholders for variable tokens
+    (``evt.compute.guest.started.{node}``); :meth:`to` fills them and :meth:`wildcard` replaces them with ``*`` for subscriptions.
     """
 
     pattern: str

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from rucher.proto.base import Event, Kind, Scope, Subject
 
 
@@ -23,3 +25,16 @@ MESSAGE_REJECTED = Subject(
     Scope.NODE,
     "A malformed or unhandleable message was terminated.",
 )
+
+
+class AppliedCommand(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``idempotency`` bucket's record that a command id was applied, with its reply.
+
+    Key ``{applier}.{command id}``; ``reply`` holds the encoded reply (a UPID for tasks), so a
+    retried command gets the first answer again instead of running twice.
+    """
+
+    applier: str
+    time: float
+    stream_seq: int = 0
+    reply: bytes = b""

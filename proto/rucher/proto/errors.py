@@ -22,7 +22,7 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     UNAVAILABLE = "unavailable"
     CANCELLED = "cancelled"
-    STALE_TOKEN = "stale_token"
+    STALE_TOKEN = "stale_token"  # noqa: S105 - a code, not a secret
     MALFORMED = "malformed"
     INTERNAL = "internal"
 

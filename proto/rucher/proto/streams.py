@@ -78,7 +78,7 @@ COMMANDS = StreamDef(
     replicas=3,
     writers="the gateway and services that hand durable work to another service",
     readers="the owning service: one durable pull consumer per subject filter",
-    description="Durable commands that must survive the restart of their consumer; removed once acked.",
+    description="Durable commands that survive their consumer's restart; removed once acked.",
 )
 
 TASKLOG = StreamDef(
@@ -112,7 +112,7 @@ GUESTS = BucketDef(
     max_age=0.0,
     replicas=3,
     per_key_ttl=False,
-    writers="the guest registry library in the owning agent (compute, container), by compare-and-set",
+    writers="the guest registry library in the owning agent, by compare-and-set",
     description="One config document per guest, key = VMID: owner node, config, digest, lock.",
 )
 

@@ -1,0 +1,249 @@
+"""The bus client: connection, typed publish, request/reply and RPC serving over nats-py."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+from nats.micro import ServiceConfig, add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointConfig, Service
+
+from rucher.bus.codec import decode, encode
+from rucher.bus.errors import RucherError
+from rucher.proto.base import Address, RpcAddress, RpcSubject
+from rucher.proto.errors import ErrorCode, ErrorReply
+
+T = TypeVar("T", bound=msgspec.Struct)
+R = TypeVar("R", bound=msgspec.Struct)
+
+MSG_ID = "Nats-Msg-Id"
+ERROR_HEADER = "Rucher-Error"
+NODE_HEADER = "Rucher-Node"
+TRACE_HEADER = "Rucher-Trace"
+
+RpcHandler = Callable[[T, dict[str, str]], Awaitable[R]]
+
+log = structlog.get_logger("rucher.bus")
+
+
+class Bus:
+    """One process's connection to the cluster bus.
+
+    Publishing an event goes to JetStream with ``Nats-Msg-Id`` so a retry is stored once;
+    requests travel over core NATS with typed error replies; RPC handlers are NATS micro-service
+    endpoints, so ``$SRV.PING|INFO|STATS`` discover them.
+    """
+
+    def __init__(self, nc: Client, *, node: str, service: str, version: str) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.node = node
+        self.service = service
+        self.version = version
+        self._micro: Service | None = None
+        self._micro_lock = asyncio.Lock()
+        self._handler_tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def connect(
+        cls,
+        servers: str | list[str],
+        *,
+        node: str,
+        service: str,
+        version: str = "0.1.0",
+        connect_timeout: float = 5.0,
+    ) -> Bus:
+        """Connect to one URL or a cluster, reconnecting forever once connected."""
+
+        async def on_error(err: Exception) -> None:
+            log.warning("nats_error", error=repr(err))
+
+        async def on_disconnect() -> None:
+            log.warning("nats_disconnected")
+
+        async def on_reconnect() -> None:
+            log.info(
+                "nats_reconnected", server=str(nc.connected_url.netloc if nc.connected_url else "")
+            )
+
+        nc = await nats.connect(
+            servers=servers if isinstance(servers, list) else servers.split(","),
+            name=f"{service}@{node}",
+            connect_timeout=connect_timeout,
+            reconnect_time_wait=0.25,
+            max_reconnect_attempts=-1,
+            ping_interval=5,
+            max_outstanding_pings=3,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+        )
+        return cls(nc, node=node, service=service, version=version)
+
+    def cluster_size(self) -> int:
+        """How many NATS servers the connected cluster advertises (1 for a lone server)."""
+        info = self.nc._server_info
+        urls = set(info.get("connect_urls") or [])
+        own = f"{info.get('host')}:{info.get('port')}"
+        return max(1, len(urls | {own}) if urls else 1)
+
+    # Events and durable commands -----------------------------------------------------------
+
+    def _headers(self, message: msgspec.Struct, msg_id: str | None) -> dict[str, str]:
+        ident = msg_id or getattr(message, "event_id", None) or getattr(message, "command_id", None)
+        headers = {NODE_HEADER: self.node}
+        if ident:
+            headers[MSG_ID] = ident
+        return headers
+
+    async def publish(
+        self, address: Address[T], message: T, *, msg_id: str | None = None, timeout: float = 5.0
+    ) -> int:
+        """Store ``message`` in its stream and return the stream sequence.
+
+        The de-duplication id is ``msg_id``, else the message's ``event_id`` or ``command_id``.
+        """
+        payload = self._check_and_encode(address, message)
+        try:
+            ack = await self.js.publish(
+                address.subject, payload, timeout=timeout, headers=self._headers(message, msg_id)
+            )
+        except (TimeoutError, nats.errors.TimeoutError) as err:
+            raise RucherError(ErrorCode.TIMEOUT, f"publish to {address.subject} timed out") from err
+        except nats.js.errors.NoStreamResponseError as err:
+            raise RucherError(
+                ErrorCode.UNAVAILABLE, f"no stream answers for {address.subject}"
+            ) from err
+        return int(ack.seq)
+
+    async def publish_async(
+        self, address: Address[T], message: T, *, msg_id: str | None = None
+    ) -> asyncio.Future[PubAck]:
+        """Start storing ``message`` and return a future of its acknowledgement (pipelined)."""
+        payload = self._check_and_encode(address, message)
+        return await self.js.publish_async(
+            address.subject, payload, headers=self._headers(message, msg_id)
+        )
+
+    @staticmethod
+    def _check_and_encode(address: Address[T] | RpcAddress[T, Any], message: T) -> bytes:
+        if not isinstance(message, address.of.payload):
+            raise TypeError(
+                f"{address.subject} carries {address.of.payload.__name__}, "
+                f"not {type(message).__name__}"
+            )
+        return encode(message)
+
+    # Request / reply ----------------------------------------------------------------------
+
+    async def request(self, address: RpcAddress[T, R], message: T, *, timeout: float = 5.0) -> R:
+        """Send a request and return the typed reply, or raise the remote :class:`RucherError`."""
+        payload = self._check_and_encode(address, message)
+        try:
+            reply = await self.nc.request(
+                address.subject, payload, timeout=timeout, headers={NODE_HEADER: self.node}
+            )
+        except nats.errors.NoRespondersError as err:
+            raise RucherError(
+                ErrorCode.UNAVAILABLE, f"no service answers on {address.subject}"
+            ) from err
+        except nats.errors.TimeoutError as err:
+            raise RucherError(
+                ErrorCode.TIMEOUT, f"no reply on {address.subject} within {timeout} s"
+            ) from err
+        if reply.headers and ERROR_HEADER in reply.headers:
+            raise RucherError.from_reply(decode(reply.data, ErrorReply))
+        return decode(reply.data, address.of.reply)
+
+    async def serve(
+        self,
+        subject: RpcSubject[T, R],
+        handler: RpcHandler[T, R],
+        *,
+        concurrent: bool = True,
+        **params: str,
+    ) -> None:
+        """Answer requests on ``subject`` (filled with ``params``) with ``handler``.
+
+        Instances of one service share a queue group, so each request is answered once. A
+        handler's :class:`RucherError` becomes an error reply; any other exception becomes an
+        ``internal`` error reply and is logged. With ``concurrent``, slow handlers do not hold
+        up the next request.
+        """
+        address = subject.to(**params)
+        micro = await self._micro_service()
+
+        async def answer(request: Request) -> None:
+            try:
+                message = decode(request.data, subject.payload)
+                result = await handler(message, request.headers or {})
+                await request.respond(encode(result))
+            except RucherError as err:
+                await request.respond(encode(err.to_reply()), headers={ERROR_HEADER: err.code})
+            except Exception as err:
+                log.exception("rpc_handler_failed", subject=request.subject, error=repr(err))
+                failure = RucherError(ErrorCode.INTERNAL, f"internal error: {err!r}")
+                await request.respond(
+                    encode(failure.to_reply()), headers={ERROR_HEADER: "internal"}
+                )
+
+        async def dispatch(request: Request) -> None:
+            if not concurrent:
+                await answer(request)
+                return
+            task = asyncio.create_task(answer(request))
+            self._handler_tasks.add(task)
+            task.add_done_callback(self._handler_tasks.discard)
+
+        name = address.subject.replace(".", "_").replace("-", "_")
+        await micro.add_endpoint(
+            EndpointConfig(
+                name=name, subject=address.subject, handler=dispatch, queue_group=self.service
+            )
+        )
+
+    async def _micro_service(self) -> Service:
+        async with self._micro_lock:
+            if self._micro is None:
+                self._micro = await add_service(
+                    self.nc,
+                    ServiceConfig(
+                        name=self.service,
+                        version=self.version,
+                        description=f"Rucher {self.service} on {self.node}",
+                        metadata={"node": self.node},
+                        queue_group=self.service,
+                    ),
+                )
+            return self._micro
+
+    # Lifecycle ----------------------------------------------------------------------------
+
+    async def close(self, *, grace: float = 10.0) -> None:
+        """Stop serving, let in-flight handlers finish (up to ``grace`` s), then drain."""
+        if self._micro is not None:
+            await self._micro.stop()
+        if self._handler_tasks:
+            await asyncio.wait(self._handler_tasks, timeout=grace)
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except (nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError):
+                await self.nc.close()
+
+
+def new_id() -> str:
+    """A fresh command or event id."""
+    return uuid.uuid4().hex
