@@ -64,7 +64,8 @@ class Subject(Generic[T]):
     """A subject pattern bound to its payload type, so publishing the wrong type is a type error.
 
     ``pattern`` uses ``{param}`` placeholders for variable tokens
-    (``evt.compute.guest.started.{node}``); :meth:`to` fills them and :meth:`wildcard` replaces them with ``*`` for subscriptions.
+    (``evt.compute.guest.started.{node}``); :meth:`to` fills them and :meth:`wildcard`
+    replaces them with ``*`` for subscriptions.
     """
 
     pattern: str
