@@ -9,6 +9,8 @@ from typing import ClassVar, Generic, TypeVar
 
 import msgspec
 
+from rucher.proto.keys import encode_token
+
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     """Base of every message on the bus: frozen, keyword-only, tagged with its dotted type name.
@@ -56,7 +58,6 @@ T = TypeVar("T", bound=msgspec.Struct)
 R = TypeVar("R", bound=msgspec.Struct)
 
 _PARAM = re.compile(r"\{(\w+)\}")
-_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
 @dataclass(frozen=True)
@@ -88,18 +89,18 @@ class Subject(Generic[T]):
         Subject.registry[self.pattern] = self  # type: ignore[assignment]
 
     def to(self, **params: str) -> Address[T]:
-        """The concrete subject for these parameters; each value must be one valid token."""
+        """The concrete subject for these parameters (raw ids, encoded as key tokens)."""
         missing = set(self.params) - params.keys()
         if missing:
             raise ValueError(f"subject {self.pattern!r} needs {sorted(missing)}")
-        for name, value in params.items():
-            if not _TOKEN.match(value):
-                raise ValueError(f"subject token {name}={value!r} is not a valid token")
-        return Address(self.pattern.format(**params), self)
+        tokens = {name: encode_token(value) for name, value in params.items()}
+        return Address(self.pattern.format(**tokens), self)
 
     def wildcard(self, **params: str) -> str:
         """The pattern with the given parameters filled and the others replaced by ``*``."""
-        values = {name: params.get(name, "*") for name in self.params}
+        values = {
+            name: encode_token(params[name]) if name in params else "*" for name in self.params
+        }
         return self.pattern.format(**values)
 
     @property

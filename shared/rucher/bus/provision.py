@@ -27,6 +27,7 @@ def stream_config(definition: StreamDef, replicas: int) -> api.StreamConfig:
         duplicate_window=definition.duplicate_window,
         num_replicas=replicas,
         storage=api.StorageType.FILE,
+        allow_direct=True,
         discard=api.DiscardPolicy.OLD
         if definition.retention is Retention.LIMITS
         else api.DiscardPolicy.NEW,
