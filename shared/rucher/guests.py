@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -271,7 +271,7 @@ class GuestRegistry:
                 raise
             return record
 
-    def _event(self) -> dict[str, object]:
+    def _event(self) -> dict[str, Any]:
         return {"event_id": new_id(), "node": self.bus.node, "time": time.time()}
 
     async def _emit_config_changed(self, record: GuestRecord) -> None:

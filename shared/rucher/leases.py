@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import structlog
 
@@ -31,7 +32,7 @@ from rucher.proto.streams import LEASES, BucketDef
 
 log = structlog.get_logger("rucher.leases")
 
-Callback = Callable[[], Awaitable[None]]
+Callback = Callable[[], Coroutine[Any, Any, None]]
 RETRY_INTERVAL = 0.25
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -28,7 +28,7 @@ def _decoder(kind: Any) -> msgspec.json.Decoder[Any]:
 def decode(data: bytes, kind: type[T]) -> T:
     """Decode and validate ``data`` as ``kind``; a bad payload raises a MALFORMED error."""
     try:
-        return _decoder(kind).decode(data)  # type: ignore[no-any-return]
+        return _decoder(cast(Any, kind)).decode(data)  # type: ignore[no-any-return]
     except msgspec.DecodeError as err:
         raise RucherError(ErrorCode.MALFORMED, f"malformed {_name(kind)}: {err}") from err
 

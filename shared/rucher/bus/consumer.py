@@ -200,7 +200,13 @@ async def consume(
 ) -> Consumer[T]:
     """Start a :class:`Consumer`; ``payload`` may be a type or a tagged union of types."""
     consumer: Consumer[T] = Consumer(
-        bus, stream, durable, filter_subject, payload, handler, **options
+        bus,
+        stream=stream,
+        durable=durable,
+        filter_subject=filter_subject,
+        payload=payload,
+        handler=handler,
+        **options,
     )
     await consumer.start()
     return consumer

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 import msgspec
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import api
 
 from rucher.bus.codec import decode, encode
@@ -186,7 +187,7 @@ class KV(Generic[T]):
         queue: asyncio.Queue[Entry[T] | None] = asyncio.Queue()
         caught_up = False
 
-        async def on_msg(msg: nats.aio.msg.Msg) -> None:
+        async def on_msg(msg: Msg) -> None:
             nonlocal caught_up
             meta = msg.metadata
             key = msg.subject[len(self._prefix) :]

@@ -1,1 +1,6 @@
-"""Package."""
+"""The service runner, settings and logging shared by every Rucher service."""
+
+from rucher.service.runner import ServiceContext, main, run_service
+from rucher.service.settings import LogFormat, Settings, SettingsError
+
+__all__ = ["LogFormat", "ServiceContext", "Settings", "SettingsError", "main", "run_service"]

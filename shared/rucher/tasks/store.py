@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import time
 
 import msgspec
@@ -46,7 +47,7 @@ class TaskStore:
             raise RucherError(ErrorCode.NOT_FOUND, f"no such task {upid}")
         return entry.value
 
-    async def list(self, node: str | None = None) -> list[TaskState]:
+    async def list(self, node: str | None = None) -> builtins.list[TaskState]:
         """All tasks, or one node's, newest first."""
         pattern = f"{encode_token(node)}.>" if node else ">"
         states = [entry.value for entry in await self.kv.entries(pattern) if entry.value]
@@ -102,7 +103,9 @@ class TaskStore:
         subject = TASK_LOG.to(node=parsed.node, upid=upid)
         await self.bus.publish(subject, line, msg_id=f"{upid}#{line.n}")
 
-    async def read_log(self, upid: str, start: int = 0, limit: int = 50) -> list[TaskLogLine]:
+    async def read_log(
+        self, upid: str, start: int = 0, limit: int = 50
+    ) -> builtins.list[TaskLogLine]:
         """Log lines ``start`` .. ``start + limit - 1`` (0-based, as Proxmox's ``start``)."""
         parsed = Upid.parse(upid)
         subject = TASK_LOG.to(node=parsed.node, upid=upid).subject

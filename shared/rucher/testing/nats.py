@@ -111,8 +111,8 @@ class NatsServer:
         query = "?js-enabled-only=true" if js_only else ""
         url = f"http://{self.host}:{self.monitor_port}/healthz{query}"
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - local monitor
-                return response.status == 200
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return bool(response.status == 200)
         except OSError:
             return False
 
