@@ -213,6 +213,8 @@ class Bus:
                 name=name, subject=address.subject, handler=dispatch, queue_group=self.service
             )
         )
+        # The server must know the subscription before anyone may count on it answering.
+        await self.nc.flush()
 
     async def _micro_service(self) -> Service:
         async with self._micro_lock:

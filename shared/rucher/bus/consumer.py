@@ -110,12 +110,14 @@ class Consumer(Generic[T]):
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        with contextlib.suppress(nats.errors.Error):
+            await self._sub.unsubscribe()
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
             try:
                 messages = await self._sub.fetch(self.batch, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
                 return
