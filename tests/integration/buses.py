@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from rucher.bus import Bus
 from rucher.bus.provision import provision
@@ -27,3 +29,18 @@ async def connected(
         yield bus
     finally:
         await bus.close(grace=1.0)
+
+
+async def until(
+    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, every: float = 0.02
+) -> float:
+    """Wait until ``condition`` holds; returns the seconds it took, fails the test on timeout."""
+    start = time.monotonic()
+    async with asyncio.timeout(timeout):
+        while True:
+            result = condition()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return time.monotonic() - start
+            await asyncio.sleep(every)
