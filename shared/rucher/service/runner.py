@@ -95,7 +95,9 @@ async def run_service(
     )
     tasks = TaskRunner(bus, worker=key)
     await tasks.start()
-    reaper = TaskReaper(bus, candidate=key)
+    # The reaper's own liveness is as tight as a registration's: a dead reaper is replaced
+    # within one registry TTL, so orphaned tasks end within about two.
+    reaper = TaskReaper(bus, candidate=key, ttl=settings.registry_ttl)
     reaper.start()
     context = ServiceContext(
         settings=settings,

@@ -33,7 +33,14 @@ class TaskReaper:
     after the read (workers register before they accept tasks).
     """
 
-    def __init__(self, bus: Bus, *, candidate: str, interval: float = SWEEP_INTERVAL) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        candidate: str,
+        interval: float = SWEEP_INTERVAL,
+        ttl: float = 10.0,
+    ) -> None:
         self.bus = bus
         self.store = TaskStore(bus)
         self.registry = ServiceRegistry(bus)
@@ -42,6 +49,7 @@ class TaskReaper:
             bus,
             "task-reaper",
             candidate=candidate,
+            ttl=ttl,
             on_elected=self._on_elected,
             on_demoted=self._on_demoted,
         )
