@@ -131,7 +131,7 @@ async def test_a_lease_survives_the_loss_of_one_of_three_nats_nodes(nats_cluster
             try:
                 assert not await rival.try_acquire(), "a rival took a held lease"
             except RucherError as err:
-                assert err.retryable  # the KV may be electing a new leader meanwhile
+                assert err.retryable  # noqa: PT017 - the KV may be electing a new leader
             await asyncio.sleep(0.5)
         assert lease.token == token
         entry = await KV(rival_bus, LEASES, LeaseRecord).get(make_key("ha:n1"))

@@ -15,7 +15,7 @@ import pytest
 from rucher.bus import RucherError
 from rucher.bus.client import new_id
 from rucher.proto.errors import ErrorCode
-from rucher.proto.task import TaskStatus
+from rucher.proto.task import TaskAccepted, TaskStatus
 from rucher.registry import ServiceRegistry, describe_self, instance_key
 from rucher.tasks import INTERRUPTED, TaskContext, TaskReaper, TaskRunner, TaskStore, Upid
 
@@ -196,12 +196,7 @@ async def test_a_task_whose_worker_process_is_killed_still_ends(nats_server, tmp
     worker = _start_worker(nats_server.url, tmp_path)
     try:
         async with connected(nats_server.url, node="n1", service="reaper") as bus:
-            registry = ServiceRegistry(bus)
-            await until(lambda: _has_instance(registry, "testworker"), timeout=20)
-            reply = await bus.request(
-                START_SLEEP.to(node="w1"),
-                StartSleep(command_id=new_id(), seconds=3600, user="root@pam"),
-            )
+            reply = await _start_sleep(bus, 3600)
             store = TaskStore(bus)
             assert (await store.get(reply.upid)).status is TaskStatus.RUNNING
             reaper = TaskReaper(bus, candidate="test-reaper", interval=1.0, ttl=2.0)
@@ -229,11 +224,8 @@ async def test_a_service_drains_and_deregisters_on_sigterm(nats_server, tmp_path
     try:
         async with connected(nats_server.url, service="observer") as bus:
             registry = ServiceRegistry(bus)
-            await until(lambda: _has_instance(registry, "testworker"), timeout=20)
-            reply = await bus.request(
-                START_SLEEP.to(node="w1"),
-                StartSleep(command_id=new_id(), seconds=0.5, user="root@pam"),
-            )
+            reply = await _start_sleep(bus, 0.5)
+            assert await _has_instance(registry, "testworker")
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(timeout=15) == 0
             # The running task was let finish, and the registration was released at once.
@@ -247,3 +239,16 @@ async def test_a_service_drains_and_deregisters_on_sigterm(nats_server, tmp_path
 
 async def _has_instance(registry: ServiceRegistry, service: str) -> bool:
     return bool(await registry.instances(service=service))
+
+
+async def _start_sleep(bus, seconds: float) -> TaskAccepted:
+    """Ask the worker process for a task, waiting while it is still starting up."""
+    command = StartSleep(command_id=new_id(), seconds=seconds, user="root@pam")
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return await bus.request(START_SLEEP.to(node="w1"), command)
+        except RucherError as err:
+            if err.code is not ErrorCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
