@@ -1,0 +1,540 @@
+"""Virtual machines (Proxmox ``qm``): lifecycle commands to a node's compute agent, and its events.
+
+Every command is a request to the agent of the node that owns the guest
+(``rpc.compute.<name>.{node}``); the agent checks it, starts a task and answers with the task's
+UPID at once (:class:`~rucher.proto.task.TaskAccepted`), or with an error reply. Field names follow
+the Proxmox API parameters, in snake_case (``force-cpu`` is ``force_cpu``). A guest's config is
+carried as Proxmox config keys and property strings (``net0`` = ``virtio,bridge=vmbr0``), parsed
+by the shared library, so the contract does not change when Rucher learns a new option.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+import msgspec
+
+from rucher.proto.base import Event, Kind, Reply, RpcSubject, Scope, Subject
+from rucher.proto.common import (
+    ByteSize,
+    ConfigKey,
+    CpuShare,
+    Digest,
+    GuestCommand,
+    NodeName,
+    PoolId,
+    PowerState,
+    Query,
+    Seconds,
+    SnapshotName,
+    StorageId,
+    Vmid,
+)
+from rucher.proto.guest import GuestLock
+from rucher.proto.task import TaskAccepted
+
+Timeout = Annotated[int, msgspec.Meta(ge=0, description="Seconds to wait at most.")]
+BandwidthLimit = Annotated[int, msgspec.Meta(ge=0, description="I/O limit in KiB/s; 0 = none.")]
+DiskKey = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^(ide[0-3]|scsi([0-9]|[12][0-9]|30)|virtio([0-9]|1[0-5])|sata[0-5]|efidisk0|tpmstate0)$",
+        description="A VM disk's config key, such as scsi0 or virtio1.",
+    ),
+]
+
+
+class CloneFormat(StrEnum):
+    """Target formats for a full clone on file storage."""
+
+    RAW = "raw"
+    QCOW2 = "qcow2"
+    VMDK = "vmdk"
+
+
+class RrdTimeframe(StrEnum):
+    """The time spans Proxmox's ``rrddata`` offers."""
+
+    HOUR = "hour"
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+    YEAR = "year"
+
+
+class RrdConsolidation(StrEnum):
+    """How samples are consolidated over a time step."""
+
+    AVERAGE = "AVERAGE"
+    MAX = "MAX"
+
+
+class DriftKind(StrEnum):
+    """What reconciliation found between libvirt and the guest registry."""
+
+    UNKNOWN_DOMAIN = "unknown_domain"
+    MISSING_DOMAIN = "missing_domain"
+    STATE_MISMATCH = "state_mismatch"
+    ORPHAN_DISK = "orphan_disk"
+    ADOPTED = "adopted"
+
+
+# Commands ------------------------------------------------------------------------------------
+
+
+class VmCreate(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.create"):
+    """Create a VM from Proxmox config keys; ``STORAGE:SIZE`` disk values allocate new disks."""
+
+    config: dict[ConfigKey, str]
+    start: bool = False
+    pool: PoolId | None = None
+    claim_id: str | None = None
+
+
+class VmStart(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.start"):
+    """Start a VM; the agent refuses an ``owner_token`` older than the guest registry's."""
+
+    timeout: Timeout | None = None
+    skiplock: bool = False
+    machine: str | None = None
+    force_cpu: str | None = None
+    migratedfrom: NodeName | None = None
+    owner_token: int = 0
+    claim_id: str | None = None
+
+
+class VmStop(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.stop"):
+    """Stop a VM at once, like pulling the plug."""
+
+    timeout: Timeout | None = None
+    skiplock: bool = False
+    keep_active: bool = False
+    overrule_shutdown: bool = False
+
+
+class VmShutdown(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.shutdown"):
+    """Ask a VM to power off (ACPI); with ``force_stop``, stop it when ``timeout`` passes."""
+
+    timeout: Timeout | None = None
+    force_stop: bool = False
+    keep_active: bool = False
+    skiplock: bool = False
+
+
+class VmReboot(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.reboot"):
+    """Shut a VM down and start it again, applying pending changes."""
+
+    timeout: Timeout | None = None
+
+
+class VmReset(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.reset"):
+    """Reset a VM's virtual hardware, like pressing its reset button."""
+
+    skiplock: bool = False
+
+
+class VmSuspend(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.suspend"):
+    """Pause a VM; with ``todisk``, hibernate it to a state volume and stop it."""
+
+    todisk: bool = False
+    statestorage: StorageId | None = None
+    skiplock: bool = False
+
+
+class VmResume(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.resume"):
+    """Resume a paused VM; ``owner_token`` as for start."""
+
+    skiplock: bool = False
+    nocheck: bool = False
+    owner_token: int = 0
+
+
+class VmDestroy(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.destroy"):
+    """Destroy a stopped VM and its disks, and free its VMID."""
+
+    purge: bool = False
+    destroy_unreferenced_disks: bool = False
+    skiplock: bool = False
+
+
+class VmConfigUpdate(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.config_update"):
+    """Change a VM's config: set keys, delete keys, revert pending changes; guarded by digest."""
+
+    config: dict[ConfigKey, str] = {}
+    delete: tuple[ConfigKey, ...] = ()
+    revert: tuple[ConfigKey, ...] = ()
+    digest: Digest | None = None
+    force: bool = False
+    skiplock: bool = False
+
+
+class VmMigrate(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.migrate"):
+    """Move a VM to ``target``, live when ``online``, copying local disks when asked."""
+
+    target: NodeName
+    online: bool = False
+    with_local_disks: bool = False
+    targetstorage: str | None = None
+    bwlimit: BandwidthLimit | None = None
+    force: bool = False
+    claim_id: str | None = None
+
+
+class VmSnapshotCreate(GuestCommand, frozen=True, kw_only=True, tag="compute.snapshot.create"):
+    """Snapshot a VM's disks, and its RAM too with ``vmstate``."""
+
+    snapname: SnapshotName
+    description: str = ""
+    vmstate: bool = False
+
+
+class VmSnapshotRollback(GuestCommand, frozen=True, kw_only=True, tag="compute.snapshot.rollback"):
+    """Roll a VM back to a snapshot, then start it if ``start``."""
+
+    snapname: SnapshotName
+    start: bool = False
+
+
+class VmSnapshotDelete(GuestCommand, frozen=True, kw_only=True, tag="compute.snapshot.delete"):
+    """Delete a VM snapshot; ``force`` drops it from the config even if a disk refuses."""
+
+    snapname: SnapshotName
+    force: bool = False
+
+
+class VmClone(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.clone"):
+    """Clone a VM (or a template, linked unless ``full``) into ``newid``."""
+
+    newid: Vmid
+    full: bool | None = None
+    target: NodeName | None = None
+    storage: StorageId | None = None
+    format: CloneFormat | None = None
+    name: str | None = None
+    description: str | None = None
+    pool: PoolId | None = None
+    snapname: SnapshotName | None = None
+    bwlimit: BandwidthLimit | None = None
+    claim_id: str | None = None
+
+
+class VmTemplate(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.template"):
+    """Turn a stopped VM into a template (its disks become read-only base images)."""
+
+    disk: DiskKey | None = None
+
+
+class VmDiskResize(GuestCommand, frozen=True, kw_only=True, tag="compute.disk.resize"):
+    """Grow a VM disk to ``size`` bytes, or by ``size`` when ``relative``; never shrink."""
+
+    disk: DiskKey
+    size: ByteSize
+    relative: bool = False
+    digest: Digest | None = None
+    skiplock: bool = False
+
+
+# Queries and their replies -------------------------------------------------------------------
+
+
+class VmStatusQuery(Query, frozen=True, kw_only=True, tag="compute.guest.status"):
+    """Ask the owning agent for a VM's current state and counters (``status/current``)."""
+
+    vmid: Vmid
+
+
+class VmStatusReport(Reply, frozen=True, kw_only=True, tag="compute.guest.status_report"):
+    """A VM's current state and counters, as ``GET .../status/current`` reports them."""
+
+    vmid: Vmid
+    status: PowerState
+    name: str = ""
+    uptime: Seconds = 0.0
+    cpu: CpuShare = 0.0
+    cpus: int = 0
+    mem: ByteSize = 0
+    maxmem: ByteSize = 0
+    disk: ByteSize = 0
+    maxdisk: ByteSize = 0
+    diskread: ByteSize = 0
+    diskwrite: ByteSize = 0
+    netin: ByteSize = 0
+    netout: ByteSize = 0
+    pid: int | None = None
+    lock: GuestLock | None = None
+    template: bool = False
+    tags: tuple[str, ...] = ()
+    running_machine: str | None = None
+    running_qemu: str | None = None
+
+
+class VmRrdQuery(Query, frozen=True, kw_only=True, tag="compute.guest.rrddata"):
+    """Ask the owning agent for a VM's time series (``rrddata``)."""
+
+    vmid: Vmid
+    timeframe: RrdTimeframe
+    cf: RrdConsolidation = RrdConsolidation.AVERAGE
+
+
+class RrdPoint(msgspec.Struct, frozen=True, kw_only=True):
+    """One step of a guest's time series; ``None`` where no sample exists."""
+
+    time: int
+    cpu: float | None = None
+    maxcpu: float | None = None
+    mem: float | None = None
+    maxmem: float | None = None
+    disk: float | None = None
+    maxdisk: float | None = None
+    diskread: float | None = None
+    diskwrite: float | None = None
+    netin: float | None = None
+    netout: float | None = None
+
+
+class VmRrdSeries(Reply, frozen=True, kw_only=True, tag="compute.guest.rrddata_series"):
+    """A VM's time series, oldest first."""
+
+    vmid: Vmid
+    points: tuple[RrdPoint, ...] = ()
+
+
+# Events --------------------------------------------------------------------------------------
+
+
+class VmCreated(Event, frozen=True, kw_only=True, tag="compute.guest.created"):
+    """A VM was defined on its node with its disks."""
+
+    vmid: Vmid
+    name: str = ""
+    upid: str | None = None
+
+
+class VmStateChanged(Event, frozen=True, kw_only=True, tag="compute.guest.state_changed"):
+    """A VM's run state changed, by a command or on its own (crash, guest power-off)."""
+
+    vmid: Vmid
+    state: PowerState
+    previous: PowerState | None = None
+    reason: str = ""
+    upid: str | None = None
+
+
+class VmMigrated(Event, frozen=True, kw_only=True, tag="compute.guest.migrated"):
+    """A VM moved from this node to ``target``, which owns it now."""
+
+    vmid: Vmid
+    target: NodeName
+    online: bool
+    downtime: Seconds | None = None
+    upid: str | None = None
+
+
+class VmDestroyed(Event, frozen=True, kw_only=True, tag="compute.guest.destroyed"):
+    """A VM and its disks were removed from its node."""
+
+    vmid: Vmid
+    upid: str | None = None
+
+
+class VmDriftDetected(Event, frozen=True, kw_only=True, tag="compute.guest.drift_detected"):
+    """Reconciliation found libvirt and the guest registry disagreeing, and what it did."""
+
+    kind: DriftKind
+    vmid: Vmid | None = None
+    domain: str | None = None
+    detail: str = ""
+
+
+# Subjects ------------------------------------------------------------------------------------
+
+
+GUEST_CREATE = RpcSubject(
+    "rpc.compute.guest_create.{node}",
+    VmCreate,
+    Kind.RPC,
+    Scope.NODE,
+    "Create a VM on {node}; answers with the create task's UPID.",
+    reply=TaskAccepted,
+)
+GUEST_START = RpcSubject(
+    "rpc.compute.guest_start.{node}",
+    VmStart,
+    Kind.RPC,
+    Scope.NODE,
+    "Start a VM on {node}; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+GUEST_STOP = RpcSubject(
+    "rpc.compute.guest_stop.{node}",
+    VmStop,
+    Kind.RPC,
+    Scope.NODE,
+    "Stop a VM on {node} at once; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+GUEST_SHUTDOWN = RpcSubject(
+    "rpc.compute.guest_shutdown.{node}",
+    VmShutdown,
+    Kind.RPC,
+    Scope.NODE,
+    "Shut a VM on {node} down gracefully; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+GUEST_REBOOT = RpcSubject(
+    "rpc.compute.guest_reboot.{node}",
+    VmReboot,
+    Kind.RPC,
+    Scope.NODE,
+    "Reboot a VM on {node}; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+GUEST_RESET = RpcSubject(
+    "rpc.compute.guest_reset.{node}",
+    VmReset,
+    Kind.RPC,
+    Scope.NODE,
+    "Reset a VM on {node}; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+GUEST_SUSPEND = RpcSubject(
+    "rpc.compute.guest_suspend.{node}",
+    VmSuspend,
+    Kind.RPC,
+    Scope.NODE,
+    "Pause or hibernate a VM on {node}; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+GUEST_RESUME = RpcSubject(
+    "rpc.compute.guest_resume.{node}",
+    VmResume,
+    Kind.RPC,
+    Scope.NODE,
+    "Resume a paused VM on {node}; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+GUEST_DESTROY = RpcSubject(
+    "rpc.compute.guest_destroy.{node}",
+    VmDestroy,
+    Kind.RPC,
+    Scope.NODE,
+    "Destroy a VM on {node}; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+GUEST_CONFIG_UPDATE = RpcSubject(
+    "rpc.compute.guest_config_update.{node}",
+    VmConfigUpdate,
+    Kind.RPC,
+    Scope.NODE,
+    "Change a VM's config on {node}; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+GUEST_MIGRATE = RpcSubject(
+    "rpc.compute.guest_migrate.{node}",
+    VmMigrate,
+    Kind.RPC,
+    Scope.NODE,
+    "Migrate a VM from {node} to another node; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+SNAPSHOT_CREATE = RpcSubject(
+    "rpc.compute.snapshot_create.{node}",
+    VmSnapshotCreate,
+    Kind.RPC,
+    Scope.NODE,
+    "Snapshot a VM on {node}; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+SNAPSHOT_ROLLBACK = RpcSubject(
+    "rpc.compute.snapshot_rollback.{node}",
+    VmSnapshotRollback,
+    Kind.RPC,
+    Scope.NODE,
+    "Roll a VM on {node} back to a snapshot; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+SNAPSHOT_DELETE = RpcSubject(
+    "rpc.compute.snapshot_delete.{node}",
+    VmSnapshotDelete,
+    Kind.RPC,
+    Scope.NODE,
+    "Delete a VM snapshot on {node}; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+GUEST_CLONE = RpcSubject(
+    "rpc.compute.guest_clone.{node}",
+    VmClone,
+    Kind.RPC,
+    Scope.NODE,
+    "Clone a VM owned by {node}; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+GUEST_TEMPLATE = RpcSubject(
+    "rpc.compute.guest_template.{node}",
+    VmTemplate,
+    Kind.RPC,
+    Scope.NODE,
+    "Convert a VM on {node} into a template; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+DISK_RESIZE = RpcSubject(
+    "rpc.compute.disk_resize.{node}",
+    VmDiskResize,
+    Kind.RPC,
+    Scope.NODE,
+    "Grow a VM disk on {node}; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+GUEST_STATUS = RpcSubject(
+    "rpc.compute.guest_status.{node}",
+    VmStatusQuery,
+    Kind.RPC,
+    Scope.NODE,
+    "A VM's current state and counters, from the agent of {node}.",
+    reply=VmStatusReport,
+)
+GUEST_RRDDATA = RpcSubject(
+    "rpc.compute.guest_rrddata.{node}",
+    VmRrdQuery,
+    Kind.RPC,
+    Scope.NODE,
+    "A VM's cpu/memory/io time series, kept by the agent of {node}.",
+    reply=VmRrdSeries,
+)
+
+GUEST_CREATED = Subject(
+    "evt.compute.guest_created.{node}",
+    VmCreated,
+    Kind.EVENT,
+    Scope.NODE,
+    "A VM was created on {node}.",
+)
+GUEST_STATE_CHANGED = Subject(
+    "evt.compute.guest_state_changed.{node}",
+    VmStateChanged,
+    Kind.EVENT,
+    Scope.NODE,
+    "A VM on {node} changed run state.",
+)
+GUEST_MIGRATED = Subject(
+    "evt.compute.guest_migrated.{node}",
+    VmMigrated,
+    Kind.EVENT,
+    Scope.NODE,
+    "A VM left {node} for another node.",
+)
+GUEST_DESTROYED = Subject(
+    "evt.compute.guest_destroyed.{node}",
+    VmDestroyed,
+    Kind.EVENT,
+    Scope.NODE,
+    "A VM was destroyed on {node}.",
+)
+GUEST_DRIFT_DETECTED = Subject(
+    "evt.compute.guest_drift_detected.{node}",
+    VmDriftDetected,
+    Kind.EVENT,
+    Scope.NODE,
+    "Reconciliation on {node} found a difference between libvirt and the registry.",
+)
