@@ -1,0 +1,253 @@
+"""High availability (Proxmox ``pve-ha-manager``): service and node states, fencing, manager status.
+
+The vocabulary is Proxmox's: resources ``vm:ID``/``ct:ID``, service states, node states. The
+elected manager publishes state transitions as events, one per transition, in the order it made
+them, and its whole status after each round. A node's watchdog that kills its own HA guests
+because it lost its lease says so in :class:`SelfFenced` (when it can reach the bus again).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+import msgspec
+
+from rucher.proto.base import Event, Kind, Scope, Subject
+from rucher.proto.common import NodeName
+
+Sid = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^(vm|ct):[1-9][0-9]{2,8}$", description="An HA resource, vm:VMID or ct:VMID."
+    ),
+]
+LeaseToken = Annotated[
+    int, msgspec.Meta(ge=0, description="The fencing token of a node's or the manager's lease.")
+]
+
+
+class RequestedState(StrEnum):
+    """The state an administrator asks for an HA resource."""
+
+    STARTED = "started"
+    STOPPED = "stopped"
+    DISABLED = "disabled"
+    IGNORED = "ignored"
+
+
+class ServiceState(StrEnum):
+    """The manager's state of an HA service."""
+
+    REQUEST_START = "request_start"
+    STARTED = "started"
+    REQUEST_STOP = "request_stop"
+    STOPPED = "stopped"
+    MIGRATE = "migrate"
+    RELOCATE = "relocate"
+    FENCE = "fence"
+    RECOVERY = "recovery"
+    FREEZE = "freeze"
+    ERROR = "error"
+
+
+class NodeState(StrEnum):
+    """The manager's state of a cluster node."""
+
+    ONLINE = "online"
+    MAINTENANCE = "maintenance"
+    UNKNOWN = "unknown"
+    FENCE = "fence"
+    GONE = "gone"
+
+
+class ArmedState(StrEnum):
+    """Whether HA acts: armed, or disarmed (``disarm-ha``) and on the way there or back."""
+
+    ARMED = "armed"
+    STANDBY = "standby"
+    DISARMING = "disarming"
+    DISARMED = "disarmed"
+
+
+class DisarmMode(StrEnum):
+    """What happens to HA resources while HA is disarmed."""
+
+    FREEZE = "freeze"
+    IGNORE = "ignore"
+
+
+class FenceMethod(StrEnum):
+    """How a node was proved unable to run its guests."""
+
+    LEASE_EXPIRED = "lease_expired"
+    HOOK = "hook"
+    MANUAL = "manual"
+
+
+class HaResource(msgspec.Struct, frozen=True, kw_only=True):
+    """An HA resource's configuration (``/cluster/ha/resources/{sid}``), Proxmox's defaults."""
+
+    sid: Sid
+    state: RequestedState = RequestedState.STARTED
+    max_restart: Annotated[int, msgspec.Meta(ge=0)] = 1
+    max_relocate: Annotated[int, msgspec.Meta(ge=0)] = 1
+    failback: bool = True
+    comment: str = ""
+
+
+class ServiceStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One service in the manager's status: its state, node and, while moving, its target."""
+
+    state: ServiceState
+    node: NodeName
+    target: NodeName | None = None
+    uid: str = ""
+    failed_nodes: tuple[NodeName, ...] = ()
+
+
+class ManagerStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The manager's whole view (Proxmox's ``manager_status``), written after each round."""
+
+    master_node: NodeName
+    manager_token: LeaseToken
+    timestamp: float
+    node_status: dict[NodeName, NodeState]
+    service_status: dict[Sid, ServiceStatus]
+    armed_state: ArmedState = ArmedState.ARMED
+    disarm_mode: DisarmMode | None = None
+
+
+class ServiceStateChanged(Event, frozen=True, kw_only=True, tag="ha.service.state_changed"):
+    """An HA service changed state, on ``service_node`` (towards ``target`` when moving)."""
+
+    sid: Sid
+    state: ServiceState
+    service_node: NodeName
+    previous: ServiceState | None = None
+    target: NodeName | None = None
+
+
+class NodeStateChanged(Event, frozen=True, kw_only=True, tag="ha.node.state_changed"):
+    """A cluster node changed state in the manager's view."""
+
+    member: NodeName
+    state: NodeState
+    previous: NodeState | None = None
+
+
+class FenceStarted(Event, frozen=True, kw_only=True, tag="ha.fence.started"):
+    """The manager started fencing ``member``: its services wait until the fence succeeds."""
+
+    member: NodeName
+    reason: str = ""
+
+
+class FenceSucceeded(Event, frozen=True, kw_only=True, tag="ha.fence.succeeded"):
+    """``member`` provably runs no HA guest any more; its lease ``lease_token`` is dead."""
+
+    member: NodeName
+    method: FenceMethod
+    lease_token: LeaseToken
+
+
+class FenceFailed(Event, frozen=True, kw_only=True, tag="ha.fence.failed"):
+    """A fence attempt (an external hook) failed; the manager keeps waiting or tries again."""
+
+    member: NodeName
+    method: FenceMethod
+    reason: str
+
+
+class SelfFenced(Event, frozen=True, kw_only=True, tag="ha.node.self_fenced"):
+    """This node could not renew its lease in time, so its watchdog killed its HA guests."""
+
+    sids: tuple[Sid, ...]
+    lease_token: LeaseToken
+    deadline: float
+
+
+class ServiceRecovered(Event, frozen=True, kw_only=True, tag="ha.service.recovered"):
+    """A service of a fenced node was assigned to ``target``: Proxmox's recovery log line."""
+
+    sid: Sid
+    fenced_node: NodeName
+    target: NodeName
+
+
+class ManagerElected(Event, frozen=True, kw_only=True, tag="ha.manager.elected"):
+    """This node became the HA manager, holding the manager lease under ``manager_token``."""
+
+    manager_token: LeaseToken
+    previous: NodeName | None = None
+
+
+class ManagerStatusPublished(Event, frozen=True, kw_only=True, tag="ha.manager.status_published"):
+    """The manager's status after a round in which something changed."""
+
+    status: ManagerStatus
+
+
+SERVICE_STATE_CHANGED = Subject(
+    "evt.ha.service_state_changed.{node}",
+    ServiceStateChanged,
+    Kind.EVENT,
+    Scope.NODE,
+    "The manager on {node} moved an HA service to a new state.",
+)
+NODE_STATE_CHANGED = Subject(
+    "evt.ha.node_state_changed.{node}",
+    NodeStateChanged,
+    Kind.EVENT,
+    Scope.NODE,
+    "The manager on {node} moved a cluster node to a new state.",
+)
+FENCE_STARTED = Subject(
+    "evt.ha.fence_started.{node}",
+    FenceStarted,
+    Kind.EVENT,
+    Scope.NODE,
+    "The manager on {node} started fencing a node.",
+)
+FENCE_SUCCEEDED = Subject(
+    "evt.ha.fence_succeeded.{node}",
+    FenceSucceeded,
+    Kind.EVENT,
+    Scope.NODE,
+    "The manager on {node} proved a node fenced.",
+)
+FENCE_FAILED = Subject(
+    "evt.ha.fence_failed.{node}",
+    FenceFailed,
+    Kind.EVENT,
+    Scope.NODE,
+    "A fence attempt by the manager on {node} failed.",
+)
+NODE_SELF_FENCED = Subject(
+    "evt.ha.node_self_fenced.{node}",
+    SelfFenced,
+    Kind.EVENT,
+    Scope.NODE,
+    "The watchdog of {node} killed its HA guests after losing the node's lease.",
+)
+SERVICE_RECOVERED = Subject(
+    "evt.ha.service_recovered.{node}",
+    ServiceRecovered,
+    Kind.EVENT,
+    Scope.NODE,
+    "The manager on {node} recovered a service from a fenced node.",
+)
+MANAGER_ELECTED = Subject(
+    "evt.ha.manager_elected.{node}",
+    ManagerElected,
+    Kind.EVENT,
+    Scope.NODE,
+    "{node} became the HA manager.",
+)
+MANAGER_STATUS_PUBLISHED = Subject(
+    "evt.ha.manager_status_published.{node}",
+    ManagerStatusPublished,
+    Kind.EVENT,
+    Scope.NODE,
+    "The status of the HA manager running on {node}.",
+)
