@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -14,7 +15,7 @@ import nats.js.errors
 import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
+from nats.js.api import PubAck, RawStreamMsg
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service, ServiceConfig
@@ -108,24 +109,16 @@ class Bus:
             headers[MSG_ID] = ident
         return headers
 
-    async def publish(
-        self, address: Address[T], message: T, *, msg_id: str | None = None, timeout: float = 5.0
-    ) -> int:
+    async def publish(self, address: Address[T], message: T, *, msg_id: str | None = None) -> int:
         """Store ``message`` in its stream and return the stream sequence.
 
         The de-duplication id is ``msg_id``, else the message's ``event_id`` or ``command_id``.
         """
         payload = self._check_and_encode(address, message)
-        try:
-            ack = await self.js.publish(
-                address.subject, payload, timeout=timeout, headers=self._headers(message, msg_id)
-            )
-        except (TimeoutError, nats.errors.TimeoutError) as err:
-            raise RucherError(ErrorCode.TIMEOUT, f"publish to {address.subject} timed out") from err
-        except nats.js.errors.NoStreamResponseError as err:
-            raise RucherError(
-                ErrorCode.UNAVAILABLE, f"no stream answers for {address.subject}"
-            ) from err
+        headers = self._headers(message, msg_id)
+        ack = await store(
+            self.js, address.subject, payload, headers, deduplicated=MSG_ID in headers
+        )
         return int(ack.seq)
 
     async def publish_async(
@@ -244,6 +237,69 @@ class Bus:
                 await self.nc.drain()
             except (nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError):
                 await self.nc.close()
+
+
+# While a NATS node fails over, a stream has no leader for a few seconds (4-7 s measured here,
+# ops/bench notes):
+# callers ride that out for this long before they see an error.
+FAILOVER_PATIENCE = 20.0
+# Nobody stored the message: sending it again cannot store it twice.
+_NOT_STORED = (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)
+# The outcome is unknown: only a message with a de-duplication id may be sent again.
+_UNKNOWN = (nats.errors.TimeoutError, TimeoutError)
+_UNAVAILABLE = 503
+
+
+async def store(
+    js: JetStreamContext,
+    subject: str,
+    payload: bytes,
+    headers: dict[str, str],
+    *,
+    deduplicated: bool,
+    patience: float = FAILOVER_PATIENCE,
+) -> PubAck:
+    """Publish to a stream, riding out a leader election; other API errors propagate."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return await js.publish(subject, payload, headers=headers or None)
+        except _NOT_STORED as err:
+            failure: Exception = err
+        except _UNKNOWN as err:
+            if not deduplicated:
+                raise RucherError(
+                    ErrorCode.UNAVAILABLE, f"no acknowledgement from the stream for {subject}"
+                ) from err
+            failure = err
+        except nats.js.errors.APIError as err:
+            if err.code != _UNAVAILABLE:
+                raise
+            failure = err
+        if time.monotonic() > deadline:
+            raise RucherError(
+                ErrorCode.UNAVAILABLE, f"no stream stored {subject} within {patience} s"
+            ) from failure
+        await asyncio.sleep(0.1)
+
+
+async def read_stream(
+    js: JetStreamContext, stream: str, *, subject: str, seq: int | None = None, next_: bool = False
+) -> RawStreamMsg | None:
+    """Direct-get a message (the last on ``subject``, or the next from ``seq``); None if none.
+
+    Reads are always safe to repeat, so they ride out a fail-over like :func:`store`.
+    """
+    deadline = time.monotonic() + FAILOVER_PATIENCE
+    while True:
+        try:
+            return await js.get_msg(stream, seq=seq, subject=subject, direct=True, next=next_)
+        except nats.js.errors.NotFoundError:
+            return None
+        except (*_NOT_STORED, *_UNKNOWN, nats.js.errors.ServiceUnavailableError) as err:
+            if time.monotonic() > deadline:
+                raise RucherError(ErrorCode.UNAVAILABLE, f"stream {stream} did not answer") from err
+        await asyncio.sleep(0.1)
 
 
 def new_id() -> str:

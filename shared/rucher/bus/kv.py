@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -15,6 +16,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
+from rucher.bus.client import FAILOVER_PATIENCE, read_stream, store
 from rucher.bus.codec import decode, encode
 from rucher.bus.errors import RucherError
 from rucher.proto.errors import ErrorCode
@@ -74,9 +76,8 @@ class KV(Generic[T]):
 
     async def get(self, key: str) -> Entry[T] | None:
         """The current entry of ``key``, or ``None`` when absent, deleted or expired."""
-        try:
-            msg = await self.bus.js.get_last_msg(self._stream, self._prefix + key, direct=True)
-        except nats.js.errors.NotFoundError:
+        msg = await read_stream(self.bus.js, self._stream, subject=self._prefix + key)
+        if msg is None:
             return None
         entry = self._entry(key, msg.data, msg.seq or 0, msg.headers, 0.0)
         return entry if entry.operation is Operation.PUT else None
@@ -116,9 +117,8 @@ class KV(Generic[T]):
 
     async def _last_revision(self, key: str) -> int | None:
         """The revision of a delete/expiry marker holding ``key``, or None if it holds a value."""
-        try:
-            msg = await self.bus.js.get_last_msg(self._stream, self._prefix + key, direct=True)
-        except nats.js.errors.NotFoundError:
+        msg = await read_stream(self.bus.js, self._stream, subject=self._prefix + key)
+        if msg is None:
             return 0
         entry = self._entry(key, msg.data, msg.seq or 0, msg.headers, 0.0)
         return None if entry.operation is Operation.PUT else entry.revision
@@ -133,7 +133,7 @@ class KV(Generic[T]):
 
     async def _send(self, key: str, data: bytes, headers: dict[str, str]) -> int:
         try:
-            ack = await self.bus.js.publish(self._prefix + key, data, headers=headers or None)
+            ack = await store(self.bus.js, self._prefix + key, data, headers, deduplicated=False)
         except nats.js.errors.APIError as err:
             if err.err_code in _WRONG_LAST_SEQUENCE:
                 raise RucherError(
@@ -142,10 +142,6 @@ class KV(Generic[T]):
                     details={"bucket": self.bucket.name, "key": key},
                 ) from err
             raise RucherError(ErrorCode.UNAVAILABLE, f"KV write failed: {err}") from err
-        except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError) as err:
-            raise RucherError(
-                ErrorCode.UNAVAILABLE, f"KV {self.bucket.name} did not answer", retryable=True
-            ) from err
         return int(ack.seq)
 
     def _entry(
@@ -203,15 +199,26 @@ class KV(Generic[T]):
                 await queue.put(None)
 
         policy = api.DeliverPolicy.ALL if history else api.DeliverPolicy.LAST_PER_SUBJECT
-        sub = await self.bus.js.subscribe(
-            self._prefix + pattern,
-            stream=self._stream,
-            cb=on_msg,
-            ordered_consumer=True,
-            deliver_policy=policy,
-            inactive_threshold=300.0,
-        )
-        info = await sub.consumer_info()
+        deadline = time.monotonic() + FAILOVER_PATIENCE
+        while True:
+            try:
+                sub = await self.bus.js.subscribe(
+                    self._prefix + pattern,
+                    stream=self._stream,
+                    cb=on_msg,
+                    ordered_consumer=True,
+                    deliver_policy=policy,
+                    inactive_threshold=300.0,
+                )
+                info = await sub.consumer_info()
+                break
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as err:
+                # The bucket's stream may be electing a leader: watching can wait for it.
+                if time.monotonic() > deadline:
+                    raise RucherError(
+                        ErrorCode.UNAVAILABLE, f"cannot watch {self.bucket.name}: {err!r}"
+                    ) from err
+                await asyncio.sleep(0.1)
         if info.num_pending == 0 and sub.delivered == 0:
             caught_up = True
             await queue.put(None)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import nats.js.errors
 import structlog
 from nats.js import api
@@ -11,6 +14,7 @@ from rucher.proto.streams import BUCKETS, STREAMS, BucketDef, Retention, StreamD
 
 log = structlog.get_logger("rucher.bus.provision")
 
+LEADER_PATIENCE = 15.0
 # JetStream: "stream name already in use with a different configuration".
 _DIFFERENT_CONFIG = 10058
 
@@ -58,13 +62,21 @@ def bucket_config(definition: BucketDef, replicas: int) -> api.StreamConfig:
 
 async def _ensure(bus: Bus, config: api.StreamConfig) -> None:
     try:
-        await bus.js.add_stream(config)
+        info = await bus.js.add_stream(config)
     except nats.js.errors.BadRequestError as err:
         if err.err_code != _DIFFERENT_CONFIG:
             raise
         # An older definition exists: bring it to the current one (fields JetStream can update).
-        await bus.js.update_stream(config)
+        info = await bus.js.update_stream(config)
         log.info("stream_updated", stream=config.name)
+    # A new replicated stream takes a moment to elect its leader: until then writes find no
+    # responder. Callers count on a provisioned stream being usable.
+    deadline = time.monotonic() + LEADER_PATIENCE
+    while info.cluster is not None and not info.cluster.leader:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"stream {config.name} elected no leader in {LEADER_PATIENCE} s")
+        await asyncio.sleep(0.05)
+        info = await bus.js.stream_info(config.name or "")
 
 
 async def provision(

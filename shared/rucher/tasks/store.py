@@ -6,9 +6,9 @@ import builtins
 import time
 
 import msgspec
-import nats.js.errors
 
 from rucher.bus import KV, Bus, RucherError
+from rucher.bus.client import read_stream
 from rucher.bus.codec import decode
 from rucher.proto.errors import ErrorCode, ErrorReply
 from rucher.proto.keys import encode_token, make_key
@@ -112,11 +112,10 @@ class TaskStore:
         lines: list[TaskLogLine] = []
         seq = 0
         while len(lines) < start + limit:
-            try:
-                msg = await self.bus.js.get_msg(
-                    TASKLOG.name, seq=seq + 1, subject=subject, direct=True, next=True
-                )
-            except nats.js.errors.NotFoundError:
+            msg = await read_stream(
+                self.bus.js, TASKLOG.name, subject=subject, seq=seq + 1, next_=True
+            )
+            if msg is None:
                 break
             seq = msg.seq or seq + 1
             lines.append(decode(msg.data or b"", TaskLogLine))
