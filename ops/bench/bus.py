@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import msgspec
+from nats.aio.msg import Msg
 from nats.js import api
 
 from rucher.bus import Bus
@@ -169,7 +170,7 @@ async def run(url: str, events: int, requests: int, rounds: int) -> tuple[float,
 
     reply_bytes = msgspec.json.encode(BenchReply(vmid=100, status="running"))
 
-    async def raw_answer(msg) -> None:  # noqa: ANN001 - nats-py callback
+    async def raw_answer(msg: Msg) -> None:
         await msg.respond(reply_bytes)
 
     await server.serve(ASK, answer)
@@ -180,9 +181,8 @@ async def run(url: str, events: int, requests: int, rounds: int) -> tuple[float,
     for round_no in range(rounds):
         raw_rates.append(await raw_events(server, events, round_no))
         rucher_rates.append(await rucher_events(server, events, round_no))
-        print(
-            f"round {round_no + 1}: raw {raw_rates[-1]:,.0f} ev/s  rucher {rucher_rates[-1]:,.0f} ev/s"
-        )
+        raw_now, ours_now = raw_rates[-1], rucher_rates[-1]
+        print(f"round {round_no + 1}: raw {raw_now:,.0f} ev/s  rucher {ours_now:,.0f} ev/s")
     raw_rate, rucher_rate = max(raw_rates), max(rucher_rates)
 
     raw_p50s, rucher_p50s, raw_p99s, rucher_p99s = [], [], [], []
@@ -194,9 +194,8 @@ async def run(url: str, events: int, requests: int, rounds: int) -> tuple[float,
         raw_p99s.append(_percentile(raw, 0.99))
         rucher_p99s.append(_percentile(ours, 0.99))
     raw_p50, rucher_p50 = min(raw_p50s), min(rucher_p50s)
-    print(
-        f"events/s:      raw {raw_rate:,.0f}   rucher {rucher_rate:,.0f}   ratio {rucher_rate / raw_rate:.2f}"
-    )
+    ratio = rucher_rate / raw_rate
+    print(f"events/s:      raw {raw_rate:,.0f}   rucher {rucher_rate:,.0f}   ratio {ratio:.2f}")
     print(
         f"request p50:   raw {raw_p50:.3f} ms   rucher {rucher_p50:.3f} ms   "
         f"(+{rucher_p50 - raw_p50:.3f} ms)"
