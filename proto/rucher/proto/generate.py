@@ -27,7 +27,7 @@ from rucher.proto import catalog
 from rucher.proto.base import Command, Event, Kind, Reply, RpcSubject, Subject
 from rucher.proto.common import Query
 from rucher.proto.errors import ErrorReply
-from rucher.proto.streams import BUCKETS, STREAMS, StreamDef
+from rucher.proto.streams import BUCKETS, OBJECT_STORES, STREAMS, StreamDef
 
 PROTO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = "schemas"
@@ -343,6 +343,7 @@ def asyncapi_document() -> dict[str, Any]:
         },
         "x-rucher-streams": [_plain(dataclasses.asdict(stream)) for stream in STREAMS],
         "x-rucher-buckets": buckets,
+        "x-rucher-object-stores": [_plain(dataclasses.asdict(store)) for store in OBJECT_STORES],
     }
     # Schema defaults hold Python values (tuples, enums): keep only what JSON can say.
     normalized: dict[str, Any] = json.loads(json.dumps(document))

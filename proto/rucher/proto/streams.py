@@ -149,3 +149,25 @@ IDEMPOTENCY = BucketDef(
 )
 
 BUCKETS: tuple[BucketDef, ...] = (TASKS, GUESTS, LEASES, SERVICES, IDEMPOTENCY)
+
+
+@dataclass(frozen=True)
+class ObjectStoreDef:
+    """A JetStream object store: byte streams too large for one message, chunked by NATS."""
+
+    name: str
+    max_age: float
+    replicas: int
+    writers: str
+    description: str
+
+
+UPLOADS = ObjectStoreDef(
+    name="uploads",
+    max_age=1 * DAY,
+    replicas=3,
+    writers="the gateway (an ISO, template or image upload, chunked and SHA-256 checked)",
+    description="Uploads in transit to the storage service, which deletes each once stored.",
+)
+
+OBJECT_STORES: tuple[ObjectStoreDef, ...] = (UPLOADS,)

@@ -10,7 +10,15 @@ import structlog
 from nats.js import api
 
 from rucher.bus.client import Bus
-from rucher.proto.streams import BUCKETS, STREAMS, BucketDef, Retention, StreamDef
+from rucher.proto.streams import (
+    BUCKETS,
+    OBJECT_STORES,
+    STREAMS,
+    BucketDef,
+    ObjectStoreDef,
+    Retention,
+    StreamDef,
+)
 
 log = structlog.get_logger("rucher.bus.provision")
 
@@ -60,6 +68,21 @@ def bucket_config(definition: BucketDef, replicas: int) -> api.StreamConfig:
     )
 
 
+def object_store_config(definition: ObjectStoreDef, replicas: int) -> api.StreamConfig:
+    """The JetStream configuration of the stream behind an object store."""
+    return api.StreamConfig(
+        name=f"OBJ_{definition.name}",
+        description=definition.description,
+        subjects=[f"$O.{definition.name}.C.>", f"$O.{definition.name}.M.>"],
+        allow_rollup_hdrs=True,
+        allow_direct=True,
+        discard=api.DiscardPolicy.NEW,
+        max_age=definition.max_age,
+        num_replicas=replicas,
+        storage=api.StorageType.FILE,
+    )
+
+
 async def _ensure(bus: Bus, config: api.StreamConfig) -> None:
     try:
         info = await bus.js.add_stream(config)
@@ -83,10 +106,11 @@ async def provision(
     bus: Bus,
     streams: tuple[StreamDef, ...] = STREAMS,
     buckets: tuple[BucketDef, ...] = BUCKETS,
+    object_stores: tuple[ObjectStoreDef, ...] = OBJECT_STORES,
     *,
     replicas: int | None = None,
 ) -> int:
-    """Create or update the given streams and buckets; returns the replica count used.
+    """Create or update the given streams, buckets and object stores; returns the replicas used.
 
     Replicas are each definition's wish capped at the cluster size (or ``replicas`` if given).
     """
@@ -95,4 +119,6 @@ async def provision(
         await _ensure(bus, stream_config(stream, min(stream.replicas, size)))
     for bucket in buckets:
         await _ensure(bus, bucket_config(bucket, min(bucket.replicas, size)))
+    for store in object_stores:
+        await _ensure(bus, object_store_config(store, min(store.replicas, size)))
     return size
