@@ -72,7 +72,8 @@ class Bus:
             log.warning("nats_error", error=repr(err))
 
         async def on_disconnect() -> None:
-            log.warning("nats_disconnected")
+            if not (nc.is_closed or nc.is_draining):
+                log.warning("nats_disconnected")
 
         async def on_reconnect() -> None:
             log.info(
@@ -239,9 +240,8 @@ class Bus:
                 await self.nc.close()
 
 
-# While a NATS node fails over, a stream has no leader for a few seconds (4-7 s measured here,
-# ops/bench notes):
-# callers ride that out for this long before they see an error.
+# While a NATS node fails over, a stream has no leader for a few seconds (4-7 s measured here
+# after a SIGKILL of the leader's node): callers ride that out this long before they see an error.
 FAILOVER_PATIENCE = 20.0
 # Nobody stored the message: sending it again cannot store it twice.
 _NOT_STORED = (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)
