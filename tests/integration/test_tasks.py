@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -226,6 +227,10 @@ async def test_a_service_drains_and_deregisters_on_sigterm(nats_server, tmp_path
             registry = ServiceRegistry(bus)
             reply = await _start_sleep(bus, 0.5)
             assert await _has_instance(registry, "testworker")
+            # Discoverable as a NATS micro service, with its node and endpoint.
+            info = json.loads((await bus.nc.request("$SRV.INFO.testworker", b"", timeout=2)).data)
+            assert info["metadata"] == {"node": "w1"}
+            assert [e["subject"] for e in info["endpoints"]] == ["rpc.testworker.start_sleep.w1"]
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(timeout=15) == 0
             # The running task was let finish, and the registration was released at once.

@@ -177,7 +177,7 @@ class Bus:
         up the next request.
         """
         address = subject.to(**params)
-        micro = await self._micro_service()
+        micro = await self.micro_service()
 
         async def answer(request: Request) -> None:
             try:
@@ -210,7 +210,8 @@ class Bus:
         # The server must know the subscription before anyone may count on it answering.
         await self.nc.flush()
 
-    async def _micro_service(self) -> Service:
+    async def micro_service(self) -> Service:
+        """This process as a NATS micro service (created once): ``$SRV.PING|INFO|STATS``."""
         async with self._micro_lock:
             if self._micro is None:
                 self._micro = await add_service(

@@ -71,6 +71,7 @@ async def run_service(
     """Start, register, run ``setup``, serve until SIGTERM/SIGINT, then drain and deregister."""
     bus = await connect(settings, version)
     await provision(bus, replicas=settings.js_replicas)
+    await bus.micro_service()  # discoverable even before (or without) any RPC endpoint
     registry = ServiceRegistry(bus)
     instance = describe_self(bus)
     key = instance_key(instance)
