@@ -94,7 +94,20 @@ TASKLOG = StreamDef(
     description="Task log lines, one message per line, subject tasklog.{node}.{upid token}.",
 )
 
-STREAMS: tuple[StreamDef, ...] = (EVENTS, COMMANDS, TASKLOG)
+AUDIT = StreamDef(
+    name="AUDIT",
+    subjects=("audit.>",),
+    retention=Retention.LIMITS,
+    max_age=365 * DAY,
+    max_bytes=1 << 30,
+    duplicate_window=120.0,
+    replicas=3,
+    writers="the IAM service: a copy of every security event, on audit.iam.* instead of evt.iam.*",
+    readers="operators and auditors",
+    description="The security audit trail: logins, and user, group, role, ACL and token changes.",
+)
+
+STREAMS: tuple[StreamDef, ...] = (EVENTS, COMMANDS, TASKLOG, AUDIT)
 
 TASKS = BucketDef(
     name="tasks",
@@ -148,7 +161,17 @@ IDEMPOTENCY = BucketDef(
     description="Replies to already-applied commands, so a retried command is applied once.",
 )
 
-BUCKETS: tuple[BucketDef, ...] = (TASKS, GUESTS, LEASES, SERVICES, IDEMPOTENCY)
+IAM = BucketDef(
+    name="iam",
+    history=8,
+    max_age=0.0,
+    replicas=3,
+    per_key_ttl=True,
+    writers="the IAM service, by compare-and-set; the IAM leader rotates keys.ticket daily",
+    description="Users, groups, custom roles, ACL entries, API tokens, pools, realms, ticket keys.",
+)
+
+BUCKETS: tuple[BucketDef, ...] = (TASKS, GUESTS, LEASES, SERVICES, IDEMPOTENCY, IAM)
 
 
 @dataclass(frozen=True)
