@@ -268,3 +268,14 @@ def test_ops_harness_command_line(tmp_path):
     assert down.returncode == 0, down.stderr
     assert not {node.namespace for node in harness.nodes} & namespaces()
     assert harness.bridge not in links()
+
+
+def test_ops_harness_leaves_runs_of_live_test_sessions_alone(harness_factory):
+    harness: Harness = harness_factory(1)
+
+    refused = ops_harness("--run", harness.run_id, "down")
+
+    assert refused.returncode != 0
+    assert "belongs to process" in refused.stderr
+    assert harness.node("n1").nats_ready()
+    assert harness.run_id in ops_harness("status").stdout

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ops/harness", description=__doc__)
     parser.add_argument("--run", help="the run to act on (default: the only detached one)")
     parser.add_argument("--root", type=Path, default=CHECKOUT, help="the checkout")
+    parser.add_argument("--force", action="store_true", help="act on a run a live process owns")
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("up", help="start N nodes and leave them running")
     start.add_argument("size", type=int)
@@ -91,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     harness = _pick_run(args.run)
+    if harness.owner_alive and not args.force:
+        raise SystemExit(
+            f"run {harness.run_id} belongs to process {harness.owner_pid} (a test session, most "
+            "likely): it tears the run down itself; --force to act on it anyway"
+        )
     if args.command == "down":
         harness.stop()
         print(f"harness {harness.run_id} removed (its state stays in {harness.root})")
