@@ -235,7 +235,8 @@ class Node:
             store_dir=state_dir / "nats",
             host=address,
             client_port=NATS_CLIENT_PORT,
-            cluster_port=NATS_CLUSTER_PORT,
+            # A lone node is no cluster: with cluster settings it would wait for peers forever.
+            cluster_port=NATS_CLUSTER_PORT if routes else 0,
             monitor_port=NATS_MONITOR_PORT,
             routes=routes,
             cluster_name=cluster_name,
@@ -366,6 +367,8 @@ class Harness:
         """Whether every node is up, reachable, and a current member of the JetStream meta group."""
         if any(not node.alive or node.cut_off or not node.nats_ready() for node in self.nodes):
             return False
+        if self.size == 1:
+            return True
         try:
             views = [self.jsz(node).get("meta_cluster", {}) for node in self.nodes]
         except OSError:
