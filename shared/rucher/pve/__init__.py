@@ -1,0 +1,1 @@
+"""Proxmox VE logic without I/O: roles, permission resolution, tickets, API tokens, TOTP."""
