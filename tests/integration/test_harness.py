@@ -23,6 +23,10 @@ from rucher.testing.netns import links, namespaces, netns_pids
 
 pytestmark = pytest.mark.slow
 
+# Bounds below are generous on purpose: nats-server's Raft elections take 4-9 s here (measured:
+# an R3 KV write resumes 4.8-9.6 s after SIGKILL of the stream leader), and this is a shared,
+# noisy machine. The tests check what happens, not how fast.
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # A stand-in service: records its RUCHER_* environment, then starts two children, one of which
@@ -141,7 +145,7 @@ async def test_killed_node_leaves_a_healthy_cluster_that_still_writes_r3(harness
     assert not reachable(victim)
     for node in harness.nodes:
         if node is not victim:
-            await eventually(node.nats_ready, 10, f"{node.name} healthy after the kill")
+            await eventually(node.nats_ready, 20, f"{node.name} healthy after the kill")
     async with client(survivor) as (connection, _):
         js = connection.jetstream(timeout=1)  # short: each try during the fail-over may time out
 
@@ -149,7 +153,7 @@ async def test_killed_node_leaves_a_healthy_cluster_that_still_writes_r3(harness
             bucket = await js.key_value("harness")  # reads stream info: fails until a new leader
             return await bucket.put("after", b"2")
 
-        await eventually(put_after, 20, "an R3 KV write after the kill")
+        await eventually(put_after, 30, "an R3 KV write after the kill")
         failover = time.monotonic() - started
 
         async def both_keys() -> bool:
@@ -169,7 +173,7 @@ async def test_killed_node_leaves_a_healthy_cluster_that_still_writes_r3(harness
             bucket = await js.key_value("harness")
             return (await bucket.get("after")).value == b"2"
 
-        await eventually(read_after, 15, "the restarted node serving the new key")
+        await eventually(read_after, 20, "the restarted node serving the new key")
 
 
 async def test_cut_node_is_unreachable_then_heals_into_a_whole_cluster(harness_factory):
@@ -187,7 +191,7 @@ async def test_cut_node_is_unreachable_then_heals_into_a_whole_cluster(harness_f
     assert not harness.cluster_whole()
     async with client(n1) as (_, js):
         # Two of three replicas are a quorum: writes go on while n2 is away.
-        await eventually(lambda: js.publish("cut.during", b"2"), 15, "a write during the cut")
+        await eventually(lambda: js.publish("cut.during", b"2"), 30, "a write during the cut")
 
     harness.heal(n2)
 
@@ -204,11 +208,11 @@ async def test_cut_node_is_unreachable_then_heals_into_a_whole_cluster(harness_f
             and all(r.current and not r.offline for r in replicas)
         )
 
-    await eventually(stream_whole, 20, "the stream's three replicas current again")
+    await eventually(stream_whole, 30, "the stream's three replicas current again")
 
 
 async def test_stopped_harness_leaves_nothing_behind(harness_factory):
-    harness: Harness = harness_factory(2)
+    harness: Harness = harness_factory(3)  # two nodes can take seconds to elect a meta leader
     names = {harness.bridge, *(node.host_veth for node in harness.nodes)}
     spaces = {node.namespace for node in harness.nodes}
     pids = [p.pid for node in harness.nodes for p in node.processes.values()]
