@@ -30,12 +30,13 @@ from rucher.proto.iam_state import (
     RoleId,
     RoleInfo,
     Secret,
-    TfaEntryInfo,
     Text,
+    TfaEntryInfo,
     TokenInfo,
     TokenName,
     UserInfo,
 )
+
 
 class AuthMethod(StrEnum):
     """How a caller proved who it is."""
@@ -148,6 +149,14 @@ class TokenChanged(Event, frozen=True, kw_only=True, tag="iam.token.changed"):
     expire: int | None = None
 
 
+class RealmChanged(Event, frozen=True, kw_only=True, tag="iam.realm.changed"):
+    """An authentication realm was added, changed or removed."""
+
+    realm: Realm
+    change: ChangeKind
+    actor: AuthId
+
+
 class AuthzInvalidated(Event, frozen=True, kw_only=True, tag="iam.authz.invalidated"):
     """Drop cached authorization decisions older than ``revision`` (all, one user's, or a path's).
 
@@ -200,6 +209,9 @@ ACL_CHANGED = Subject(
 )
 TOKEN_CHANGED = Subject(
     "evt.iam.token_changed.{node}", TokenChanged, Kind.EVENT, Scope.NODE, "An API token changed."
+)
+REALM_CHANGED = Subject(
+    "evt.iam.realm_changed.{node}", RealmChanged, Kind.EVENT, Scope.NODE, "A realm changed."
 )
 AUTHZ_INVALIDATED = Subject(
     "evt.iam.authz_invalidated.{node}",

@@ -14,6 +14,7 @@ from typing import Annotated
 import msgspec
 
 from rucher.proto.common import AuthId, PoolId, StorageId, UserId
+from rucher.proto.keys import make_key
 
 GroupId = Annotated[
     str,
@@ -275,3 +276,53 @@ class TfaEntryInfo(msgspec.Struct, frozen=True, kw_only=True):
     description: Text = ""
     created: float = 0.0
     enable: bool = True
+
+
+# Keys ------------------------------------------------------------------------------------
+
+USERS = "users"
+GROUPS = "groups"
+ROLES = "roles"
+ACL = "acl"
+TOKENS = "tokens"
+POOLS = "pools"
+DOMAINS = "domains"
+KEYS = "keys"
+OIDC = "oidc"
+THROTTLE = "throttle"
+TICKET_KEYS_KEY = make_key(KEYS, "ticket")
+
+
+def user_key(userid: str) -> str:
+    """The key of a user's record."""
+    return make_key(USERS, userid)
+
+
+def group_key(groupid: str) -> str:
+    """The key of a group's record."""
+    return make_key(GROUPS, groupid)
+
+
+def role_key(roleid: str) -> str:
+    """The key of a custom role's record."""
+    return make_key(ROLES, roleid)
+
+
+def acl_key(entry: AclRecord) -> str:
+    """The key of one ACL entry."""
+    return make_key(ACL, entry.path, entry.type.value, entry.ugid, entry.roleid)
+
+
+def token_key(userid: str, name: str) -> str:
+    """The key of a user's API token."""
+    return make_key(TOKENS, userid, name)
+
+
+def pool_key(poolid: str) -> str:
+    """The key of a resource pool's record."""
+    return make_key(POOLS, poolid)
+
+
+def domain_key(realm: str) -> str:
+    """The key of a realm's record."""
+    return make_key(DOMAINS, realm)

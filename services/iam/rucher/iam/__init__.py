@@ -1,0 +1,1 @@
+"""Rucher IAM service: identities, realms, permissions, tickets and API tokens."""

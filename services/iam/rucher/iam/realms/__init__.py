@@ -1,0 +1,1 @@
+"""Authentication realms: one module per kind (pve, pam, openid)."""

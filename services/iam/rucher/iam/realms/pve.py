@@ -1,0 +1,36 @@
+"""The ``pve`` realm: Rucher's own users, with argon2id password hashes in their records."""
+
+from __future__ import annotations
+
+import asyncio
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from rucher.proto.iam_state import UserRecord
+
+# RFC 9106's second recommended option (64 MiB, 3 passes), the library's default profile.
+_HASHER = PasswordHasher()
+# Checked against when the user has no hash, so a missing user costs as much as a wrong password.
+_DUMMY_HASH = _HASHER.hash("rucher-no-such-user")
+
+
+def hash_password(password: str) -> str:
+    """The argon2id hash of ``password`` (encoded, with its salt and parameters)."""
+    return _HASHER.hash(password)
+
+
+def verify_password(encoded: str, password: str) -> bool:
+    """Whether ``password`` matches the argon2id hash ``encoded`` (False for no hash)."""
+    try:
+        return _HASHER.verify(encoded or _DUMMY_HASH, password) and bool(encoded)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+class PveRealm:
+    """Passwords checked against the argon2id hash in the user's record."""
+
+    async def authenticate(self, user: UserRecord, password: str) -> bool:
+        """Whether ``password`` matches (hashing runs off the event loop)."""
+        return await asyncio.to_thread(verify_password, user.password_hash, password)
