@@ -122,12 +122,28 @@ class Lease:
                 self.key, self._record(self.token), revision=self.revision, ttl=self.ttl
             )
         except RucherError as err:
-            if err.code is ErrorCode.CONFLICT:
+            if err.code is not ErrorCode.CONFLICT:
+                raise
+            # A renewal whose acknowledgement was lost (NATS failing over) may have landed:
+            # then the key still holds our token at a newer revision, and the lease is ours.
+            entry = await self.kv.get(self.key)
+            record = entry.value if entry else None
+            if (
+                entry is None
+                or record is None
+                or (record.holder, record.token)
+                != (
+                    self.holder,
+                    self.token,
+                )
+            ):
                 self._mark_lost("taken over or expired")
                 raise RucherError(
                     ErrorCode.STALE_TOKEN, f"lease {self.key} was lost", details={"key": self.key}
                 ) from err
-            raise
+            self.revision = entry.revision
+            await self.renew()
+            return
         self.deadline = sent + self.ttl
 
     async def release(self) -> None:

@@ -13,7 +13,7 @@ from rucher.proto.keys import encode_token, make_key
 from rucher.proto.node import LeaseRecord, ServiceInstance
 from rucher.proto.streams import SERVICES
 
-DEFAULT_TTL = 10.0
+DEFAULT_TTL = 15.0  # above the 4-10 s a NATS fail-over takes here
 
 
 def instance_key(instance: ServiceInstance) -> str:

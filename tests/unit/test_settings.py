@@ -15,7 +15,7 @@ def test_defaults():
     assert settings.node == "n1"
     assert settings.log_format is LogFormat.JSON
     assert settings.state_dir == Path(".state")
-    assert settings.registry_ttl == 10.0
+    assert settings.registry_ttl == 15.0
     assert settings.js_replicas is None
 
 

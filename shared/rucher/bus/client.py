@@ -241,7 +241,7 @@ class Bus:
                 await self.nc.close()
 
 
-# While a NATS node fails over, a stream has no leader for a few seconds (4-7 s measured here
+# While a NATS node fails over, a stream has no leader for a few seconds (4-10 s measured here
 # after a SIGKILL of the leader's node): callers ride that out this long before they see an error.
 FAILOVER_PATIENCE = 20.0
 # Nobody stored the message: sending it again cannot store it twice.

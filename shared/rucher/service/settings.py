@@ -72,7 +72,7 @@ class Settings:
             state_dir=Path(environ.get("RUCHER_STATE_DIR", ".state")),
             log_format=log_format,
             log_level=environ.get("RUCHER_LOG_LEVEL", "info").lower(),
-            registry_ttl=number("RUCHER_REGISTRY_TTL", 10.0),
+            registry_ttl=number("RUCHER_REGISTRY_TTL", 15.0),
             js_replicas=int(number("RUCHER_JS_REPLICAS", 1)) if replicas else None,
             shutdown_grace=number("RUCHER_SHUTDOWN_GRACE", 10.0),
         )
