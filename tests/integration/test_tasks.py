@@ -16,12 +16,12 @@ import pytest
 from rucher.bus import RucherError
 from rucher.bus.client import new_id
 from rucher.proto.errors import ErrorCode
-from rucher.proto.task import TaskAccepted, TaskStatus
+from rucher.proto.task import TaskStatus
 from rucher.registry import ServiceRegistry, describe_self, instance_key
 from rucher.tasks import INTERRUPTED, TaskContext, TaskReaper, TaskRunner, TaskStore, Upid
 
 from .buses import connected, until
-from .worker_service import START_SLEEP, StartSleep
+from .worker_service import request_sleep
 
 pytestmark = pytest.mark.integration
 
@@ -197,7 +197,7 @@ async def test_a_task_whose_worker_process_is_killed_still_ends(nats_server, tmp
     worker = _start_worker(nats_server.url, tmp_path)
     try:
         async with connected(nats_server.url, node="n1", service="reaper") as bus:
-            reply = await _start_sleep(bus, 3600)
+            reply = await request_sleep(bus, "w1", 3600)
             store = TaskStore(bus)
             assert (await store.get(reply.upid)).status is TaskStatus.RUNNING
             reaper = TaskReaper(bus, candidate="test-reaper", interval=1.0, ttl=2.0)
@@ -225,7 +225,7 @@ async def test_a_service_drains_and_deregisters_on_sigterm(nats_server, tmp_path
     try:
         async with connected(nats_server.url, service="observer") as bus:
             registry = ServiceRegistry(bus)
-            reply = await _start_sleep(bus, 0.5)
+            reply = await request_sleep(bus, "w1", 0.5)
             assert await _has_instance(registry, "testworker")
             # Discoverable as a NATS micro service, with its node and endpoint.
             info = json.loads((await bus.nc.request("$SRV.INFO.testworker", b"", timeout=2)).data)
@@ -244,16 +244,3 @@ async def test_a_service_drains_and_deregisters_on_sigterm(nats_server, tmp_path
 
 async def _has_instance(registry: ServiceRegistry, service: str) -> bool:
     return bool(await registry.instances(service=service))
-
-
-async def _start_sleep(bus, seconds: float) -> TaskAccepted:
-    """Ask the worker process for a task, waiting while it is still starting up."""
-    command = StartSleep(command_id=new_id(), seconds=seconds, user="root@pam")
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            return await bus.request(START_SLEEP.to(node="w1"), command)
-        except RucherError as err:
-            if err.code is not ErrorCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)

@@ -7,8 +7,12 @@ whose worker died still reaches an end state, and stop it to show a clean drain.
 from __future__ import annotations
 
 import asyncio
+import time
 
+from rucher.bus import Bus, RucherError
+from rucher.bus.client import new_id
 from rucher.proto.base import Command, Kind, RpcSubject, Scope
+from rucher.proto.errors import ErrorCode
 from rucher.proto.task import TaskAccepted
 from rucher.service import ServiceContext, main
 from rucher.tasks import TaskContext
@@ -29,6 +33,19 @@ START_SLEEP = RpcSubject(
     "Start a sleeping task on {node}.",
     reply=TaskAccepted,
 )
+
+
+async def request_sleep(bus: Bus, node: str, seconds: float) -> TaskAccepted:
+    """Ask the worker on ``node`` for a sleeping task, waiting while it is still starting."""
+    command = StartSleep(command_id=new_id(), seconds=seconds, user="root@pam")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return await bus.request(START_SLEEP.to(node=node), command)
+        except RucherError as err:
+            if err.code is not ErrorCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 async def setup(context: ServiceContext) -> None:
