@@ -50,6 +50,9 @@ from rucher.proto.iam import (
     UserUpdate,
 )
 from rucher.proto.iam_state import (
+    ACL,
+    TOKENS,
+    USERS,
     AclRecord,
     AclSubjectType,
     GroupInfo,
@@ -67,6 +70,7 @@ from rucher.proto.iam_state import (
     token_key,
     user_key,
 )
+from rucher.proto.keys import encode_token
 from rucher.pve import totp
 from rucher.pve.roles import ROOT_USER
 from rucher.pve.tokens import hash_secret, new_secret
@@ -189,11 +193,11 @@ class Accounts:
         entry = await self.ctx.tables.users.get(user_key(command.userid))
         if entry is None:
             raise not_found("userid", f"no such user ('{command.userid}')")
-        state = self.ctx.view.state
-        for key, token in list(state.tokens.items()):
-            if token.tokenid.split("!", 1)[0] == command.userid:
-                await self.ctx.tables.tokens.delete(key)
-                await self._token_changed(token, ChangeKind.DELETED, command.actor)
+        pattern = f"{TOKENS}.{encode_token(command.userid)}.*"
+        for stored in await self.ctx.tables.tokens.entries(pattern):
+            if stored.value is not None:
+                await self.ctx.tables.tokens.delete(stored.key)
+                await self._token_changed(stored.value, ChangeKind.DELETED, command.actor)
         await self.drop_acl(
             lambda e: e.ugid == command.userid or e.ugid.startswith(command.userid + "!"),
             command.actor,
@@ -293,8 +297,9 @@ class Accounts:
         entry = await self.ctx.tables.groups.get(group_key(command.groupid))
         if entry is None:
             raise not_found("groupid", f"group '{command.groupid}' does not exist")
-        for user in list(self.ctx.view.state.users.values()):
-            if command.groupid in user.groups:
+        for stored in await self.ctx.tables.users.entries(f"{USERS}.*"):
+            user = stored.value
+            if user is not None and command.groupid in user.groups:
                 await change(
                     self.ctx.tables.users,
                     user_key(user.userid),
@@ -499,8 +504,9 @@ class Accounts:
 
     async def drop_acl(self, matches: Callable[[AclRecord], bool], actor: str) -> None:
         """Delete every ACL entry ``matches(entry)`` selects, each with its event."""
-        for entry in list(self.ctx.view.state.acl.values()):
-            if matches(entry):
+        for stored in await self.ctx.tables.acl.entries(f"{ACL}.>"):
+            entry = stored.value
+            if entry is not None and matches(entry):
                 await self.ctx.tables.acl.delete(acl_key(entry))
                 await self.acl_changed(entry, ChangeKind.DELETED, actor)
 

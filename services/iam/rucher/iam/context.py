@@ -57,6 +57,10 @@ class Table(Protocol[T]):
         """Remove the key."""
         ...
 
+    async def entries(self, pattern: str = ">") -> list[Entry[T]]:
+        """Every current entry whose key matches ``pattern``."""
+        ...
+
 
 @dataclass(frozen=True)
 class Tables:
