@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 
 import structlog
 
 from rucher.bus import Bus, Operation, RucherError
 from rucher.leases import Election
 from rucher.proto.errors import ErrorCode
-from rucher.proto.task import TaskStatus
+from rucher.proto.task import TaskState, TaskStatus
 from rucher.registry import ServiceRegistry
 from rucher.tasks.store import TaskStore
 
@@ -29,8 +30,8 @@ class TaskReaper:
 
     The leader ends every running task whose worker has no registration: at election, when a
     registration expires or is removed (watched), and every ``interval`` s as a backstop.
-    Tasks are read before registrations, so a task is never reaped for a worker that registered
-    after the read (workers register before they accept tasks).
+    Workers register before they accept tasks, and a worker is judged gone by a direct read of
+    its registration, never by a watch that may lag.
     """
 
     def __init__(
@@ -75,19 +76,41 @@ class TaskReaper:
             self._loop = None
 
     async def _run(self) -> None:
-        async with self.registry.kv.watch() as updates:
-            wake = asyncio.Event()
+        # Watches keep the running tasks and live registrations in memory, so a sweep costs
+        # one read per suspect task instead of a scan of every task ever run.
+        running: dict[str, TaskState] = {}
+        alive: set[str] = set()
+        wake = asyncio.Event()
+        async with self.registry.kv.watch() as registrations, self.store.kv.watch() as tasks:
 
-            async def listen() -> None:
-                async for entry in updates:
-                    if entry is not None and entry.operation is not Operation.PUT:
+            async def follow_registrations() -> None:
+                async for entry in registrations:
+                    if entry is None:
+                        continue
+                    if entry.operation is Operation.PUT:
+                        alive.add(entry.key)
+                    else:
+                        alive.discard(entry.key)
                         wake.set()
 
-            listener = asyncio.create_task(listen())
+            async def follow_tasks() -> None:
+                async for entry in tasks:
+                    if entry is None:
+                        wake.set()
+                    elif entry.value is not None and entry.value.status is TaskStatus.RUNNING:
+                        running[entry.key] = entry.value
+                    else:
+                        running.pop(entry.key, None)
+
+            followers = [
+                asyncio.create_task(follow_registrations()),
+                asyncio.create_task(follow_tasks()),
+            ]
             try:
                 while self.election.is_leader:
+                    suspects = [s for s in running.values() if s.worker not in alive]
                     try:
-                        await self.sweep()
+                        await self.sweep(suspects)
                     except RucherError as err:
                         log.warning("task_sweep_failed", error=err.message)
                     with contextlib.suppress(TimeoutError):
@@ -95,17 +118,22 @@ class TaskReaper:
                             await wake.wait()
                     wake.clear()
             finally:
-                listener.cancel()
+                for follower in followers:
+                    follower.cancel()
 
-    async def sweep(self) -> list[str]:
-        """End every running task whose worker is gone; returns their UPIDs."""
-        running = [state for state in await self.store.list() if state.status is TaskStatus.RUNNING]
-        if not running:
-            return []
-        alive = await self.registry.alive_keys()
+    async def sweep(self, candidates: Iterable[TaskState] | None = None) -> list[str]:
+        """End every running task (of ``candidates``, else all) whose worker is gone.
+
+        A worker counts as gone only when a direct read of its registration finds nothing, so
+        a registration that the watch has not delivered yet never gets its tasks reaped.
+        """
+        if candidates is None:
+            candidates = await self.store.list()
         reaped = []
-        for state in running:
-            if state.worker in alive:
+        for state in candidates:
+            if state.status is not TaskStatus.RUNNING:
+                continue
+            if await self.registry.kv.get(state.worker) is not None:
                 continue
             reason = worker_died(state.worker)
             error = RucherError(ErrorCode.UNAVAILABLE, reason, retryable=False).to_reply()
