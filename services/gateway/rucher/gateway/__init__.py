@@ -1,0 +1,1 @@
+"""The gateway: Rucher's Proxmox VE compatible REST API, served over HTTPS on port 8006."""
