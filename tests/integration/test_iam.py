@@ -608,13 +608,25 @@ async def test_totp_second_factor(bus, view):
     )
     listed = (await call(bus, iam.TFA_LIST, userid=userid)).entries
     assert [(e.id, e.description) for e in listed] == [(added.id, "phone")]
+    # The old style: the code with the password (a wrong code is refused).
+    step = int(time.time()) // 30
+    wrong = str((int(totp.code_at(spec, step)) + 1) % 10**6).zfill(6)
+    await refused(
+        bus,
+        iam.LOGIN,
+        ErrorCode.UNAUTHENTICATED,
+        username=userid,
+        password="tfa-password",
+        otp=wrong,
+    )
+    direct = await login(bus, userid, "tfa-password", otp=totp.code_at(spec, step))
+    assert not direct.need_tfa and view.verify_ticket(direct.ticket) == userid
     # The password alone now yields a TFA challenge, not a ticket.
     challenge = await login(bus, userid, "tfa-password")
     assert challenge.need_tfa and not challenge.csrf_token
     with pytest.raises(RucherError):
         view.verify_ticket(challenge.ticket)
-    step = int(time.time()) // 30
-    code = totp.code_at(spec, step + 1)  # a code not used yet (the add consumed none)
+    code = totp.code_at(spec, step + 1)  # the next step's code has not been used yet
     granted = await login(bus, userid, f"totp:{code}", tfa_challenge=challenge.ticket)
     assert view.verify_ticket(granted.ticket) == userid
     # The same code twice is refused, as is a challenge for someone else.

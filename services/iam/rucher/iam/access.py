@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import msgspec
 
@@ -74,6 +75,13 @@ _REALM_OPTIONS = {
     },
 }
 _DEFAULTS = RealmRecord(realm="x", type=RealmType.OPENID)
+
+
+def _without(vmids: set[int]) -> Callable[[PoolRecord], PoolRecord]:
+    def edit(pool: PoolRecord) -> PoolRecord:
+        return msgspec.structs.replace(pool, vms=tuple(v for v in pool.vms if v not in vmids))
+
+    return edit
 
 
 def realm_info(realm: RealmRecord) -> RealmInfo:
@@ -200,6 +208,7 @@ class Access:
         return Done()
 
     async def _check_subject(self, kind: AclSubjectType, name: str, field: str) -> None:
+        found: object
         if kind is AclSubjectType.USER:
             found = await self.ctx.tables.users.get(user_key(name))
             what = f"user '{name}'"
@@ -247,9 +256,7 @@ class Access:
                 await change(
                     self.ctx.tables.pools,
                     pool_key(other.poolid),
-                    lambda pool, moved=moved: msgspec.structs.replace(
-                        pool, vms=tuple(v for v in pool.vms if v not in moved)
-                    ),
+                    _without(moved),
                     not_found("poolid", f"pool '{other.poolid}' does not exist"),
                 )
 

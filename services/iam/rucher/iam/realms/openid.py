@@ -19,8 +19,8 @@ from urllib.parse import quote, urlencode
 
 import httpx
 import structlog
-from jwcrypto import jwk, jwt
-from jwcrypto.common import JWException
+from jwcrypto import jwk, jwt  # type: ignore[import-untyped]
+from jwcrypto.common import JWException  # type: ignore[import-untyped]
 from keycloak import KeycloakOpenID
 from keycloak.exceptions import KeycloakError
 
@@ -327,9 +327,11 @@ def groups_of(realm: RealmRecord, claims: dict[str, Any]) -> tuple[str, ...]:
         values = [values]
     if not isinstance(values, list):
         return ()
+    suffix = f"-{realm.realm}"
+    room = 64 - len(suffix)
     groups = {
-        _GROUP_CHARS.sub("_", str(value))[:60] + f"-{realm.realm}"
+        _GROUP_CHARS.sub("_", str(value))[:room] + suffix
         for value in values
-        if str(value).strip()
+        if str(value).strip() and room > 0
     }
-    return tuple(sorted(group for group in groups if len(group) <= 64))
+    return tuple(sorted(groups))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-import pam
+import pam  # type: ignore[import-untyped]
 import structlog
 
 from rucher.proto.iam_state import UserRecord
