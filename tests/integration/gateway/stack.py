@@ -162,34 +162,34 @@ class Api:
         """Close the connection."""
         await self.client.aclose()
 
-    async def call(self, method: str, path: str, **params: Any) -> Reply:
+    async def call(self, method: str, url: str, /, **params: Any) -> Reply:
         """One request: parameters in the query for GET/DELETE, form-encoded otherwise."""
         values = {key: value for key, value in params.items() if value is not None}
         if method in {"GET", "DELETE"}:
-            response = await self.client.request(method, path, params=values)
+            response = await self.client.request(method, url, params=values)
         else:
-            response = await self.client.request(method, path, data=values)
+            response = await self.client.request(method, url, data=values)
         try:
             body = response.json()
         except ValueError:
             body = {"raw": response.text}
         return Reply(response.status_code, body)
 
-    async def get(self, path: str, **params: Any) -> Reply:
+    async def get(self, url: str, /, **params: Any) -> Reply:
         """GET."""
-        return await self.call("GET", path, **params)
+        return await self.call("GET", url, **params)
 
-    async def post(self, path: str, **params: Any) -> Reply:
+    async def post(self, url: str, /, **params: Any) -> Reply:
         """POST."""
-        return await self.call("POST", path, **params)
+        return await self.call("POST", url, **params)
 
-    async def put(self, path: str, **params: Any) -> Reply:
+    async def put(self, url: str, /, **params: Any) -> Reply:
         """PUT."""
-        return await self.call("PUT", path, **params)
+        return await self.call("PUT", url, **params)
 
-    async def delete(self, path: str, **params: Any) -> Reply:
+    async def delete(self, url: str, /, **params: Any) -> Reply:
         """DELETE."""
-        return await self.call("DELETE", path, **params)
+        return await self.call("DELETE", url, **params)
 
     async def login(self, username: str, password: str) -> Reply:
         """Log in; on success later requests carry the ticket cookie and CSRF token."""
