@@ -72,13 +72,13 @@ def _granted(call: Call, reply: iam.LoginGranted) -> dict[str, Any]:
     data: dict[str, Any] = {
         "username": reply.username,
         "ticket": reply.ticket,
+        # Clients (proxmoxer) read the CSRF token before looking for NeedTFA: always send it.
+        "CSRFPreventionToken": reply.csrf_token,
         "cap": reply.cap,
         "clustername": reply.clustername or call.gateway.settings.cluster_name,
     }
     if reply.need_tfa:
         data["NeedTFA"] = 1
-    else:
-        data["CSRFPreventionToken"] = reply.csrf_token
     return data
 
 
