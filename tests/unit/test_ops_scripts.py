@@ -151,6 +151,7 @@ def test_ops_test_runs_every_step_and_passes_arguments_to_pytest(tmp_path):
     assert [call.split()[0] for call in calls] == [
         "install",
         "ruff",
+        "ruff",
         "lint-imports",
         "mypy",
         "pytest",
@@ -166,7 +167,10 @@ def test_ops_test_runs_every_step_and_passes_arguments_to_pytest(tmp_path):
         ({"pytest": 5}, "pytest (exit 5: no tests were collected)"),
         ({"pytest": 1}, "pytest (exit 1)"),
         ({"mypy": 1}, "mypy (exit 1)"),
-        ({"ruff": 1, "lint-imports": 2}, "ruff check (exit 1), lint-imports (exit 2)"),
+        (
+            {"ruff": 1, "lint-imports": 2},
+            "ruff check (exit 1), ruff format (exit 1), lint-imports (exit 2)",
+        ),
     ],
 )
 def test_ops_test_fails_when_any_step_fails(tmp_path, rcs, reported):
