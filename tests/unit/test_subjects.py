@@ -31,3 +31,21 @@ def test_a_subject_must_match_its_kind_and_scope():
         Subject("evt.unit.y", TaskStarted, Kind.EVENT, Scope.NODE, "no node")
     with pytest.raises(ValueError, match="defined twice"):
         Subject("evt.task.started.{node}", TaskStarted, Kind.EVENT, Scope.NODE, "again")
+
+
+def test_a_malformed_payload_names_the_field_at_fault():
+    from rucher.bus import RucherError
+    from rucher.bus.codec import decode
+    from rucher.proto.errors import ErrorCode
+    from rucher.proto.task import TaskLogLine
+
+    with pytest.raises(RucherError) as wrong_type:
+        decode(b'{"n": "one", "t": "x", "time": 1}', TaskLogLine)
+    assert wrong_type.value.code is ErrorCode.MALFORMED
+    assert wrong_type.value.details == {"field": "n"}
+    with pytest.raises(RucherError) as missing:
+        decode(b'{"n": 1, "time": 1}', TaskLogLine)
+    assert missing.value.details == {"field": "t"}
+    with pytest.raises(RucherError) as garbage:
+        decode(b"not json", TaskLogLine)
+    assert garbage.value.details == {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, TypeVar, cast
 
 import msgspec
@@ -30,7 +31,22 @@ def decode(data: bytes, kind: type[T]) -> T:
     try:
         return _decoder(cast(Any, kind)).decode(data)  # type: ignore[no-any-return]
     except msgspec.DecodeError as err:
-        raise RucherError(ErrorCode.MALFORMED, f"malformed {_name(kind)}: {err}") from err
+        field = offending_field(str(err))
+        raise RucherError(
+            ErrorCode.MALFORMED,
+            f"malformed {_name(kind)}: {err}",
+            details={"field": field} if field else {},
+        ) from err
+
+
+_AT_PATH = re.compile(r"at `\$\.([A-Za-z_][\w-]*)")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+def offending_field(message: str) -> str | None:
+    """The top-level field a msgspec validation message blames, if it names one."""
+    match = _AT_PATH.search(message) or _MISSING.search(message)
+    return match.group(1) if match else None
 
 
 def _name(kind: Any) -> str:
