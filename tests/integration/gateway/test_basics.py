@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import ssl
 import stat
+from pathlib import Path
 
 import httpx
 import pytest
 
-from .stack import ADMIN, Api, logged_in, make_user, token_client, unique
+from rucher.gateway.certs import ensure_self_signed
+
+from .stack import ADMIN, Api, logged_in, make_user, start_stack, token_client, unique
 
 pytestmark = pytest.mark.integration
 
@@ -154,3 +157,29 @@ async def test_a_second_login_as_another_user(stack, admin):
     other = await logged_in(stack, userid, "second-pass-1")
     assert (await other.get("/access/permissions")).data == {}
     await other.close()
+
+
+def test_idle_memory_stays_under_80_mib(stack):
+    gateway = next(process for process in stack.processes if process.name == "gateway")
+    status = Path(f"/proc/{gateway.pid}/status").read_text()
+    rss_kib = int(
+        next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]
+    )
+    assert rss_kib / 1024 < 80, f"gateway RSS {rss_kib / 1024:.1f} MiB"
+
+
+def test_a_supplied_certificate_replaces_the_generated_one(nats_server, tmp_path):
+    cert, key = tmp_path / "mine.pem", tmp_path / "mine.key"
+    ensure_self_signed(cert, key, node="supplied")
+    own = start_stack(
+        nats_server.url,
+        tmp_path / "own",
+        RUCHER_GATEWAY_CERT=str(cert),
+        RUCHER_GATEWAY_KEY=str(key),
+    )
+    try:
+        served = ssl.get_server_certificate(("127.0.0.1", own.port))
+        assert served.strip() == cert.read_text().strip()
+        assert not (tmp_path / "own" / "gateway" / "gateway").exists()
+    finally:
+        own.stop()
