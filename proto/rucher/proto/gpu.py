@@ -142,12 +142,17 @@ class PciDevice(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class GpuInventory(msgspec.Struct, frozen=True, kw_only=True):
-    """A node's PCI devices of interest (GPUs, their functions and VFs), as the broker sees them."""
+    """A node's PCI devices of interest (GPUs, their functions and VFs), as the broker sees them.
+
+    ``claims`` names the scheduler claims whose devices this inventory already shows allocated
+    (``DeviceAllocate.claim_id``), so the scheduler does not count them twice.
+    """
 
     node: NodeName
     devices: tuple[PciDevice, ...]
     time: float
     driver_version: str | None = None
+    claims: tuple[str, ...] = ()
 
 
 class GpuLease(msgspec.Struct, frozen=True, kw_only=True):

@@ -4,6 +4,10 @@ Any scheduler instance answers (``rpc.scheduler.<name>``, a queue group). A deci
 the node's resources with a claim written by compare-and-set; the agent that starts the guest
 confirms the claim, and an unconfirmed claim expires. A refused placement is an error reply
 whose ``details`` carry the :class:`FilterOutcome` list (which filter removed how many nodes).
+
+Claims live in two buckets: ``allocations`` holds one :class:`NodeAllocations` document per node
+(every claim on it, written by compare-and-set: the reservation itself), and ``claims`` holds
+each unconfirmed :class:`Claim` under its id with a per-key TTL, so its expiry is observed.
 """
 
 from __future__ import annotations
@@ -32,6 +36,28 @@ class ClaimEnd(StrEnum):
     SUPERSEDED = "superseded"
 
 
+class PlacementStrategy(StrEnum):
+    """Spread guests over nodes (most free room first) or pack them (fullest node that fits)."""
+
+    SPREAD = "spread"
+    PACK = "pack"
+
+
+class CrsMode(StrEnum):
+    """Proxmox's cluster resource scheduling modes (``datacenter.cfg`` ``crs: ha=...``)."""
+
+    BASIC = "basic"
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+
+
+class AffinityKind(StrEnum):
+    """A resource-affinity rule keeps its resources together (positive) or apart (negative)."""
+
+    POSITIVE = "positive"
+    NEGATIVE = "negative"
+
+
 # Records -------------------------------------------------------------------------------------
 
 
@@ -58,6 +84,37 @@ class ResourceRequest(msgspec.Struct, frozen=True, kw_only=True):
     gpus: tuple[GpuRequest, ...] = ()
 
 
+class NodePriority(msgspec.Struct, frozen=True, kw_only=True):
+    """One node of a node-affinity rule and its priority (higher is preferred)."""
+
+    node: NodeName
+    priority: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
+
+
+class NodeAffinity(msgspec.Struct, frozen=True, kw_only=True):
+    """An HA node-affinity rule as it applies to one guest.
+
+    Strict: only these nodes. Non-strict: these nodes first, highest priority first, then any.
+    """
+
+    nodes: Annotated[tuple[NodePriority, ...], msgspec.Meta(min_length=1)]
+    strict: bool = False
+
+
+class ResourceAffinity(msgspec.Struct, frozen=True, kw_only=True):
+    """An HA resource-affinity rule as it applies to one guest: the other guests it names."""
+
+    affinity: AffinityKind
+    vmids: Annotated[tuple[Vmid, ...], msgspec.Meta(min_length=1)]
+
+
+class PlacementPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """How to rank the nodes that can run a guest; the scheduler's settings give the default."""
+
+    strategy: PlacementStrategy = PlacementStrategy.SPREAD
+    crs: CrsMode | None = None
+
+
 class PlacementSpec(msgspec.Struct, frozen=True, kw_only=True):
     """One guest to place: its identity (for affinity rules), needs and node constraints."""
 
@@ -66,6 +123,8 @@ class PlacementSpec(msgspec.Struct, frozen=True, kw_only=True):
     resources: ResourceRequest
     candidates: tuple[NodeName, ...] = ()
     exclude: tuple[NodeName, ...] = ()
+    node_affinity: NodeAffinity | None = None
+    resource_affinity: tuple[ResourceAffinity, ...] = ()
 
 
 class FilterOutcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,6 +160,21 @@ class Claim(msgspec.Struct, frozen=True, kw_only=True):
     expires: float
     scheduler: str
     confirmed: bool = False
+    node_affinity: NodeAffinity | None = None
+    resource_affinity: tuple[ResourceAffinity, ...] = ()
+
+
+class NodeAllocations(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``allocations`` bucket's value for one node: every claim holding its resources.
+
+    Written only by compare-and-set on the revision read, so two schedulers never both fit a
+    guest into the same room. An unconfirmed claim counts until ``expires``; a confirmed one
+    counts until it is released or its guest leaves the node.
+    """
+
+    node: NodeName
+    claims: tuple[Claim, ...] = ()
+    updated: float = 0.0
 
 
 class RebalanceMove(msgspec.Struct, frozen=True, kw_only=True):
@@ -121,6 +195,7 @@ class PlaceGuest(Command, frozen=True, kw_only=True, tag="scheduler.guest.place"
 
     spec: PlacementSpec
     claim_ttl: ClaimTtl = 60.0
+    policy: PlacementPolicy | None = None
 
 
 class PlaceGroup(Command, frozen=True, kw_only=True, tag="scheduler.group.place"):
@@ -128,6 +203,7 @@ class PlaceGroup(Command, frozen=True, kw_only=True, tag="scheduler.group.place"
 
     specs: Annotated[tuple[PlacementSpec, ...], msgspec.Meta(min_length=1)]
     claim_ttl: ClaimTtl = 60.0
+    policy: PlacementPolicy | None = None
 
 
 class SuggestMigration(Command, frozen=True, kw_only=True, tag="scheduler.migration.suggest"):
@@ -136,6 +212,7 @@ class SuggestMigration(Command, frozen=True, kw_only=True, tag="scheduler.migrat
     spec: PlacementSpec
     source: NodeName
     claim_ttl: ClaimTtl = 60.0
+    policy: PlacementPolicy | None = None
 
 
 class PlanRebalance(Query, frozen=True, kw_only=True, tag="scheduler.rebalance.plan"):
@@ -143,6 +220,7 @@ class PlanRebalance(Query, frozen=True, kw_only=True, tag="scheduler.rebalance.p
 
     max_moves: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
     nodes: tuple[NodeName, ...] = ()
+    policy: PlacementPolicy | None = None
 
 
 class PlacementDecision(Reply, frozen=True, kw_only=True, tag="scheduler.placement.decision"):
@@ -180,6 +258,7 @@ class ClaimRelease(Command, frozen=True, kw_only=True, tag="scheduler.claim.rele
 
     claim_id: str
     reason: str = ""
+    node: NodeName | None = None
 
 
 # Events --------------------------------------------------------------------------------------

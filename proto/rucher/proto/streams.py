@@ -171,7 +171,37 @@ IAM = BucketDef(
     description="Users, groups, custom roles, ACL entries, API tokens, pools, realms, ticket keys.",
 )
 
-BUCKETS: tuple[BucketDef, ...] = (TASKS, GUESTS, LEASES, SERVICES, IDEMPOTENCY, IAM)
+ALLOCATIONS = BucketDef(
+    name="allocations",
+    history=1,
+    max_age=0.0,
+    replicas=3,
+    per_key_ttl=False,
+    writers="every scheduler instance and the HA manager, by compare-and-set on the revision read",
+    description="One document per node: every claim holding its resources, pending or confirmed.",
+)
+
+CLAIMS = BucketDef(
+    name="claims",
+    history=1,
+    max_age=0.0,
+    replicas=3,
+    per_key_ttl=True,
+    marker_ttl=60.0,
+    writers="the scheduler that made the claim; deleted on confirmation or release",
+    description="Unconfirmed claims by id, each with a per-key TTL: expiry releases the claim.",
+)
+
+BUCKETS: tuple[BucketDef, ...] = (
+    TASKS,
+    GUESTS,
+    LEASES,
+    SERVICES,
+    IDEMPOTENCY,
+    IAM,
+    ALLOCATIONS,
+    CLAIMS,
+)
 
 
 @dataclass(frozen=True)
