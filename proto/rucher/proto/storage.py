@@ -3,7 +3,8 @@
 Storage definitions are cluster-wide (``rpc.storage.definition_*``, any storage service
 instance answers). Volume operations go to the storage service of one node
 (``rpc.storage.<name>.{node}``) and answer synchronously: the compute and container agents call
-them from inside their own tasks. Only downloads run as tasks of their own.
+them from inside their own tasks. Uploads, downloads and volume copies run as tasks of their
+own. Definitions live in the ``storage`` bucket (one :class:`StorageRecord` per storage id).
 """
 
 from __future__ import annotations
@@ -131,22 +132,45 @@ class VolumeInfo(msgspec.Struct, frozen=True, kw_only=True):
     ctime: int | None = None
 
 
+class StorageRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``storage`` bucket's value: a definition and, for ``rbd``, the cephx secret.
+
+    The secret (Proxmox keeps it in ``/etc/pve/priv/ceph/<storage>.keyring``) never leaves the
+    storage service except in a :class:`VolumeMapping` for the hypervisor that needs it.
+    """
+
+    definition: StorageDefinition
+    keyring: str | None = None
+
+
+class StorageDefinitionEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A definition with its digest (SHA-1 of its canonical form), for guarded updates."""
+
+    definition: StorageDefinition
+    digest: Digest
+
+
 # Commands ------------------------------------------------------------------------------------
 
 
 class StorageDefinitionCreate(Command, frozen=True, kw_only=True, tag="storage.definition.create"):
-    """Add a storage definition; refused if the id exists."""
+    """Add a storage definition; refused if the id exists.
+
+    ``keyring`` is an ``rbd`` storage's cephx secret (the key, or a keyring file's text).
+    """
 
     definition: StorageDefinition
     user: AuthId | None = None
+    keyring: str | None = None
 
 
 class StorageDefinitionUpdate(Command, frozen=True, kw_only=True, tag="storage.definition.update"):
-    """Replace a storage definition, if it still has ``digest``."""
+    """Replace a storage definition, if it still has ``digest``; a ``keyring`` replaces the secret."""
 
     definition: StorageDefinition
     digest: Digest | None = None
     user: AuthId | None = None
+    keyring: str | None = None
 
 
 class StorageDefinitionDelete(Command, frozen=True, kw_only=True, tag="storage.definition.delete"):
@@ -168,9 +192,14 @@ class VolumeAllocate(Command, frozen=True, kw_only=True, tag="storage.volume.all
 
 
 class VolumeFree(Command, frozen=True, kw_only=True, tag="storage.volume.free"):
-    """Delete a volume; refused while linked clones depend on it or it is protected."""
+    """Delete a volume; refused while linked clones depend on it or it is protected.
+
+    With ``check_owner`` (the API's ``DELETE .../content/{volume}``) it is also refused while the
+    guest owning the volume exists; an agent destroying its own guest leaves it unset.
+    """
 
     volid: VolumeId
+    check_owner: bool = False
 
 
 class VolumeResize(Command, frozen=True, kw_only=True, tag="storage.volume.resize"):
@@ -206,6 +235,24 @@ class VolumeRename(Command, frozen=True, kw_only=True, tag="storage.volume.renam
     volid: VolumeId
     vmid: Vmid
     filename: VolumeName | None = None
+
+
+class VolumeCreateBase(Command, frozen=True, kw_only=True, tag="storage.volume.create_base"):
+    """Turn a guest's volume into a template base (``base-``), the source of linked clones."""
+
+    volid: VolumeId
+
+
+class VolumeCopy(Command, frozen=True, kw_only=True, tag="storage.volume.copy"):
+    """Copy a volume in full for ``vmid`` as a task (``POST .../content/{volume}``)."""
+
+    user: AuthId
+    volid: VolumeId
+    vmid: Vmid
+    storage: StorageId | None = None
+    format: DiskFormat | None = None
+    filename: VolumeName | None = None
+    snapname: SnapshotName | None = None
 
 
 class VolumeMap(Command, frozen=True, kw_only=True, tag="storage.volume.map"):
@@ -254,7 +301,35 @@ class ContentDownload(Command, frozen=True, kw_only=True, tag="storage.content.d
     verify_certificates: bool = True
 
 
+class ContentUpload(Command, frozen=True, kw_only=True, tag="storage.content.upload"):
+    """Move an upload from the ``uploads`` object store into a storage, as a task.
+
+    The object's SHA-256 digest is always checked; ``checksum`` adds the uploader's own.
+    """
+
+    user: AuthId
+    storage: StorageId
+    object: str
+    filename: VolumeName
+    content: ContentType
+    checksum: str | None = None
+    checksum_algorithm: ChecksumAlgorithm | None = None
+
+
 # Queries and replies -------------------------------------------------------------------------
+
+
+class StorageDefinitionListQuery(Query, frozen=True, kw_only=True, tag="storage.definition.list"):
+    """List the cluster's storage definitions (``GET /storage``), optionally one or one type."""
+
+    storage: StorageId | None = None
+    storage_type: StorageType | None = None
+
+
+class StorageDefinitionListing(Reply, frozen=True, kw_only=True, tag="storage.definition.listing"):
+    """Storage definitions with their digests, by id."""
+
+    definitions: tuple[StorageDefinitionEntry, ...] = ()
 
 
 class StorageStatusQuery(Query, frozen=True, kw_only=True, tag="storage.status"):
@@ -285,6 +360,24 @@ class ContentListing(Reply, frozen=True, kw_only=True, tag="storage.content.list
     volumes: tuple[VolumeInfo, ...] = ()
 
 
+class VolumeInfoQuery(Query, frozen=True, kw_only=True, tag="storage.volume.info"):
+    """One volume's attributes (``GET .../content/{volume}``)."""
+
+    volid: VolumeId
+
+
+class OrphanQuery(Query, frozen=True, kw_only=True, tag="storage.orphans"):
+    """Find volumes whose owner guest does not exist (one storage, or all the node sees)."""
+
+    storage: StorageId | None = None
+
+
+class OrphanReport(Reply, frozen=True, kw_only=True, tag="storage.orphan_report"):
+    """Volumes without an owner; each is also published as ``volume_orphan_found``."""
+
+    volumes: tuple[VolumeInfo, ...] = ()
+
+
 class VolumeDetails(Reply, frozen=True, kw_only=True, tag="storage.volume.details"):
     """A volume as it is after the command."""
 
@@ -292,7 +385,12 @@ class VolumeDetails(Reply, frozen=True, kw_only=True, tag="storage.volume.detail
 
 
 class VolumeMapping(Reply, frozen=True, kw_only=True, tag="storage.volume.mapping"):
-    """Where the hypervisor finds a mapped volume, and its libvirt and LXD disk definitions."""
+    """Where the hypervisor finds a mapped volume, and its libvirt and LXD disk definitions.
+
+    ``libvirt_disk`` is a whole ``<disk>`` element without ``<target>`` (the agent adds it).
+    For ``rbd``, ``username`` and ``secret`` are the cephx identity the hypervisor defines as a
+    libvirt secret whose usage is ``secret_usage``; they travel only in this reply.
+    """
 
     volid: VolumeId
     protocol: VolumeProtocol
@@ -300,6 +398,10 @@ class VolumeMapping(Reply, frozen=True, kw_only=True, tag="storage.volume.mappin
     format: DiskFormat
     libvirt_source: str
     lxd_device: dict[str, str] = {}
+    libvirt_disk: str = ""
+    username: str | None = None
+    secret: str | None = None
+    secret_usage: str | None = None
 
 
 # Events --------------------------------------------------------------------------------------
@@ -384,6 +486,14 @@ DEFINITION_DELETE = RpcSubject(
     "Remove a storage definition.",
     reply=Done,
 )
+DEFINITION_LIST = RpcSubject(
+    "rpc.storage.definition_list",
+    StorageDefinitionListQuery,
+    Kind.RPC,
+    Scope.CLUSTER,
+    "The cluster's storage definitions with their digests.",
+    reply=StorageDefinitionListing,
+)
 STATUS = RpcSubject(
     "rpc.storage.status.{node}",
     StorageStatusQuery,
@@ -406,6 +516,46 @@ CONTENT_DOWNLOAD = RpcSubject(
     Kind.RPC,
     Scope.NODE,
     "Download an ISO or template on {node}; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+CONTENT_UPLOAD = RpcSubject(
+    "rpc.storage.content_upload.{node}",
+    ContentUpload,
+    Kind.RPC,
+    Scope.NODE,
+    "Store an object of the uploads store in a storage of {node}; answers with the task's UPID.",
+    reply=TaskAccepted,
+)
+ORPHANS = RpcSubject(
+    "rpc.storage.orphans.{node}",
+    OrphanQuery,
+    Kind.RPC,
+    Scope.NODE,
+    "Volumes seen from {node} whose owner guest does not exist (reported, never deleted).",
+    reply=OrphanReport,
+)
+VOLUME_INFO = RpcSubject(
+    "rpc.storage.volume_info.{node}",
+    VolumeInfoQuery,
+    Kind.RPC,
+    Scope.NODE,
+    "One volume's attributes, as seen from {node}.",
+    reply=VolumeDetails,
+)
+VOLUME_CREATE_BASE = RpcSubject(
+    "rpc.storage.volume_create_base.{node}",
+    VolumeCreateBase,
+    Kind.RPC,
+    Scope.NODE,
+    "Turn a volume into a template base through the storage service of {node}.",
+    reply=VolumeDetails,
+)
+VOLUME_COPY = RpcSubject(
+    "rpc.storage.volume_copy.{node}",
+    VolumeCopy,
+    Kind.RPC,
+    Scope.NODE,
+    "Copy a volume in full on {node}; answers with the task's UPID.",
     reply=TaskAccepted,
 )
 VOLUME_ALLOCATE = RpcSubject(

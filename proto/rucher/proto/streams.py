@@ -192,6 +192,16 @@ CLAIMS = BucketDef(
     description="Unconfirmed claims by id, each with a per-key TTL: expiry releases the claim.",
 )
 
+STORAGE = BucketDef(
+    name="storage",
+    history=8,
+    max_age=0.0,
+    replicas=3,
+    per_key_ttl=False,
+    writers="the storage service (any instance), by compare-and-set",
+    description="Cluster-wide storage definitions (Proxmox storage.cfg), key = storage id.",
+)
+
 BUCKETS: tuple[BucketDef, ...] = (
     TASKS,
     GUESTS,
@@ -201,6 +211,7 @@ BUCKETS: tuple[BucketDef, ...] = (
     IAM,
     ALLOCATIONS,
     CLAIMS,
+    STORAGE,
 )
 
 
