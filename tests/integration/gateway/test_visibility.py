@@ -197,3 +197,23 @@ async def test_permissions_of_others_need_sys_audit_on_access(stack, admin):
     assert (await user.get("/access/permissions", userid=other)).status == 200
     await user.close()
     await with_token.close()
+
+
+async def test_next_id_and_cluster_status(admin, bus):
+    taken = (
+        await GuestRegistry(bus).register(
+            guest_type=GuestType.QEMU, node=NODE, config={}, vmid=777_000, lock=None
+        )
+    ).vmid
+    reply = await admin.get("/cluster/nextid", vmid=taken)
+    assert reply.status == 409 and reply.errors == {"vmid": f"VM {taken} already exists"}
+    assert (await admin.get("/cluster/nextid", vmid=777_001)).data == 777_001
+    free = (await admin.get("/cluster/nextid")).data
+    assert isinstance(free, int) and free >= 100
+    assert free not in {entry.vmid for entry in await GuestRegistry(bus).list()}
+
+    status = (await admin.get("/cluster/status")).data
+    cluster = next(entry for entry in status if entry["type"] == "cluster")
+    assert cluster["quorate"] == 1 and cluster["nodes"] >= 1 and cluster["name"] == "rucher"
+    local = next(entry for entry in status if entry["type"] == "node" and entry["name"] == NODE)
+    assert (local["online"], local["local"], local["id"]) == (1, 1, f"node/{NODE}")
