@@ -11,7 +11,7 @@ come from the IAM permission index (:class:`rucher.pve.acl.AclIndex`), in memory
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from rucher.bus import RucherError
@@ -129,8 +129,3 @@ def require(permissions: Permissions, index: AclIndex, authid: str | None, param
         raise RucherError(ErrorCode.UNAUTHENTICATED, "authentication required")
     if permissions.check and not Checker(index, authid, params).check(permissions.check):
         raise forbidden()
-
-
-def visible(index: AclIndex, authid: str, path: str, privs: Iterable[str]) -> bool:
-    """Whether a listed object at ``path`` is shown: ``authid`` holds one of ``privs`` there."""
-    return index.allowed(authid, path, privs, any_=True)
