@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -39,6 +41,7 @@ def stack_env(state: Path, **extra: str) -> dict[str, str]:
         "RUCHER_NODE": "devtest",
         "RUCHER_NATS_PORT": str(free_port()),
         "RUCHER_NATS_MONITOR_PORT": str(free_port()),
+        "RUCHER_GATEWAY_PORT": str(free_port()),
         "RUCHER_UP_TIMEOUT": "20",
         **extra,
     }
@@ -59,6 +62,26 @@ def healthy(env: dict[str, str]) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def gateway_answers(env: dict[str, str]) -> tuple[int, object]:
+    """The status and body of an unauthenticated GET /version, once the gateway listens."""
+    url = f"https://127.0.0.1:{env['RUCHER_GATEWAY_PORT']}/api2/json/version"
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url, context=context, timeout=2)
+        except urllib.error.HTTPError as answer:
+            return answer.code, json.loads(answer.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+        else:
+            raise AssertionError("GET /version answered without credentials")
 
 
 @pytest.fixture
@@ -82,8 +105,11 @@ def test_ops_up_twice_then_down_then_purge(tmp_path, stopped_afterwards):
     assert f"nats://127.0.0.1:{env['RUCHER_NATS_PORT']}" in first.stdout
     assert f"state:    {state}" in first.stdout
     assert f"logs:     {state / 'logs'}" in first.stdout
-    assert "gateway:" in first.stdout
+    assert f"https://127.0.0.1:{env['RUCHER_GATEWAY_PORT']}/api2/json" in first.stdout
     assert healthy(env)
+    # The gateway listens where the stack says, not on the default 8006: without credentials
+    # the Proxmox API answers 401 with its JSON envelope.
+    assert gateway_answers(env) == (401, {"data": None})
     supervisor = status(state)["supervisor_pid"]
     nats = status(state)["children"]["nats"]["pid"]
 

@@ -116,13 +116,16 @@ class StackSettings:
         return f"https://{self.gateway_host}:{self.gateway_port}/api2/json"
 
     def service_env(self, service: str) -> dict[str, str]:
-        """The environment every service process gets."""
-        return {
+        """The environment every service process gets (the gateway also its listen address)."""
+        env = {
             "RUCHER_NATS_URL": self.nats_url,
             "RUCHER_NODE": self.node,
             "RUCHER_STATE_DIR": str(self.state_dir / "data" / service),
             "RUCHER_LOG_FORMAT": "json",
         }
+        if service == GATEWAY_SERVICE:
+            env["RUCHER_GATEWAY_LISTEN"] = f"{self.gateway_host}:{self.gateway_port}"
+        return env
 
 
 def nats_server(settings: StackSettings) -> NatsServer:
