@@ -82,6 +82,7 @@ ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("GET", "/access/tfa/{userid}"),
     ("POST", "/access/tfa/{userid}"),
     ("GET", "/access/tfa/{userid}/{id}"),
+    ("PUT", "/access/tfa/{userid}/{id}"),
     ("DELETE", "/access/tfa/{userid}/{id}"),
     ("POST", "/access/openid/auth-url"),
     ("POST", "/access/openid/login"),

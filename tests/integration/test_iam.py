@@ -656,6 +656,150 @@ async def test_totp_second_factor(bus, view):
     assert not plain.need_tfa and view.verify_ticket(plain.ticket) == userid
 
 
+async def test_updating_a_second_factor(bus, view, iam_stack):
+    userid = f"{name('tfa')}@pve"
+    await call(bus, iam.USER_CREATE, actor=ADMIN, userid=userid, password="tfa-password")
+    spec = totp.TotpSpec(secret=totp.new_secret())
+    added = await call(
+        bus,
+        iam.TFA_ADD,
+        actor=userid,
+        userid=userid,
+        totp=totp.make_uri(spec, userid),
+        value=totp.code_now(spec, time.time()),
+        description="phone",
+    )
+    factor = {"userid": userid, "id": added.id}
+    # Everyone but root@pam confirms with their own current password.
+    await refused(bus, iam.TFA_UPDATE, ErrorCode.INVALID, "password", actor=userid, **factor)
+    await refused(
+        bus,
+        iam.TFA_UPDATE,
+        ErrorCode.INVALID,
+        "password",
+        actor=userid,
+        enable=False,
+        password="wrong-password",
+        **factor,
+    )
+    await refused(
+        bus,
+        iam.TFA_UPDATE,
+        ErrorCode.NOT_FOUND,
+        "id",
+        actor=userid,
+        userid=userid,
+        id="nosuch",
+        password="tfa-password",
+    )
+    await refused(
+        bus,
+        iam.TFA_UPDATE,
+        ErrorCode.NOT_FOUND,
+        "userid",
+        actor=ADMIN,
+        userid="nobody@pve",
+        id=added.id,
+        password=admin_password(iam_stack),
+    )
+    await refused(
+        bus,
+        iam.TFA_UPDATE,
+        ErrorCode.FORBIDDEN,
+        "userid",
+        actor=ADMIN,
+        userid="root@pam",
+        id=added.id,
+        password=admin_password(iam_stack),
+    )
+    listed = (await call(bus, iam.TFA_LIST, userid=userid)).entries
+    assert [(e.description, e.enable) for e in listed] == [("phone", True)]
+
+    step = int(time.time()) // 30
+    pending = await login(bus, userid, "tfa-password")
+    assert pending.need_tfa
+    await call(bus, iam.TFA_UPDATE, actor=userid, enable=False, password="tfa-password", **factor)
+    listed = (await call(bus, iam.TFA_LIST, userid=userid)).entries
+    assert [(e.description, e.enable) for e in listed] == [("phone", False)]
+    users = {u.userid: u for u in (await call(bus, iam.USER_LIST)).users}
+    assert users[userid].tfa == ()
+    # Disabled: the password alone is a ticket, and the factor's codes are refused everywhere.
+    plain = await login(bus, userid, "tfa-password")
+    assert not plain.need_tfa and view.verify_ticket(plain.ticket) == userid
+    code = totp.code_at(spec, step + 1)
+    await refused(
+        bus,
+        iam.LOGIN,
+        ErrorCode.UNAUTHENTICATED,
+        username=userid,
+        password=f"totp:{code}",
+        tfa_challenge=pending.ticket,
+    )
+    await refused(bus, iam.TFA_VERIFY, ErrorCode.UNAUTHENTICATED, userid=userid, code=code)
+
+    # An administrator confirms with their own password; root@pam needs none.
+    await call(
+        bus,
+        iam.TFA_UPDATE,
+        actor=ADMIN,
+        description="old phone",
+        password=admin_password(iam_stack),
+        **factor,
+    )
+    await call(bus, iam.TFA_UPDATE, actor="root@pam", enable=True, **factor)
+    listed = (await call(bus, iam.TFA_LIST, userid=userid)).entries
+    assert [(e.description, e.enable) for e in listed] == [("old phone", True)]
+    challenge = await login(bus, userid, "tfa-password")
+    assert challenge.need_tfa
+    granted = await login(bus, userid, f"totp:{code}", tfa_challenge=challenge.ticket)
+    assert view.verify_ticket(granted.ticket) == userid
+
+    # Each change is a security event on evt.iam.* and its copy on audit.iam.*, without secrets.
+    audited = await bus.js.get_last_msg("AUDIT", "audit.iam.user_changed.n1")
+    event = await bus.js.get_last_msg("EVENTS", "evt.iam.user_changed.n1")
+    assert audited.data == event.data
+    assert userid.encode() in event.data and b'"actor":"root@pam"' in event.data
+    assert b'"fields":["tfa"]' in event.data and b"tfa-password" not in event.data
+
+
+async def test_concurrent_second_factor_updates_all_land(bus):
+    userid = f"{name('tfa')}@pve"
+    await call(bus, iam.USER_CREATE, actor=ADMIN, userid=userid, password="tfa-password")
+    spec = totp.TotpSpec(secret=totp.new_secret())
+    ids = [
+        (
+            await call(
+                bus,
+                iam.TFA_ADD,
+                actor=userid,
+                userid=userid,
+                totp=totp.make_uri(spec, userid),
+                value=totp.code_now(spec, time.time()),
+            )
+        ).id
+        for _ in range(4)
+    ]
+    # Compare-and-set on the user's record: no update overwrites another one's factor.
+    await asyncio.gather(
+        *(
+            call(
+                bus,
+                iam.TFA_UPDATE,
+                actor="root@pam",
+                userid=userid,
+                id=factor,
+                description=f"key {n}",
+                enable=n % 2 == 0,
+            )
+            for n, factor in enumerate(ids)
+        )
+    )
+    listed = (await call(bus, iam.TFA_LIST, userid=userid)).entries
+    assert [(e.id, e.description, e.enable) for e in listed] == [
+        (factor, f"key {n}", n % 2 == 0) for n, factor in enumerate(ids)
+    ]
+
+
 # The audit trail -------------------------------------------------------------------------
 
 

@@ -488,6 +488,20 @@ class TfaDelete(Command, frozen=True, kw_only=True, tag="iam.tfa.delete"):
     id: str
 
 
+class TfaUpdate(Command, frozen=True, kw_only=True, tag="iam.tfa.update"):
+    """Change a second factor's description or whether it counts at login; ``None`` stays.
+
+    ``password`` is the actor's own current password: everyone but root@pam must give it.
+    """
+
+    actor: AuthId
+    userid: UserId
+    id: str
+    description: Text | None = None
+    enable: bool | None = None
+    password: Secret | None = None
+
+
 class TfaVerify(Command, frozen=True, kw_only=True, tag="iam.tfa.verify"):
     """Check a TOTP code of a user (each code is accepted once)."""
 
@@ -626,6 +640,7 @@ DOMAIN_DELETE = _rpc(DomainDelete, Done, "Remove an authentication realm.")
 DOMAIN_LIST = _rpc(DomainListQuery, DomainList, "List authentication realms.")
 TFA_ADD = _rpc(TfaAdd, TfaAdded, "Add a TOTP second factor.")
 TFA_DELETE = _rpc(TfaDelete, Done, "Remove a second factor.")
+TFA_UPDATE = _rpc(TfaUpdate, Done, "Change a second factor's description or state.")
 TFA_VERIFY = _rpc(TfaVerify, Done, "Check a TOTP code.")
 TFA_LIST = _rpc(TfaListQuery, TfaList, "List second factors.")
 

@@ -234,6 +234,7 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/access/tfa/{userid}"): Case(_new_factor),
     ("GET", "/access/tfa/{userid}/{id}"): Case(_factor),
     ("DELETE", "/access/tfa/{userid}/{id}"): Case(_factor),
+    ("PUT", "/access/tfa/{userid}/{id}"): Case(_plus(_factor, enable=0, password=PASSWORD)),
 }
 WORLD_OPEN = {e.key for e in SCHEMA.endpoints if e.permissions.user == "world"}
 

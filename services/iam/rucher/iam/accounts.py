@@ -11,6 +11,7 @@ import msgspec
 
 from rucher.bus import RucherError
 from rucher.iam.context import Context, change, exists, invalid, not_found
+from rucher.iam.realms.interface import PasswordRealm
 from rucher.iam.realms.pve import hash_password, verify_password
 from rucher.proto.common import ChangeKind, Done
 from rucher.proto.errors import ErrorCode
@@ -34,6 +35,7 @@ from rucher.proto.iam import (
     TfaDelete,
     TfaList,
     TfaListQuery,
+    TfaUpdate,
     TfaVerify,
     TokenChanged,
     TokenCreate,
@@ -91,8 +93,9 @@ def token_info(record: TokenRecord) -> TokenInfo:
 class Accounts:
     """Create, change and delete users, groups, tokens and second factors."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, realms: dict[RealmType, PasswordRealm]) -> None:
         self.ctx = context
+        self.realms = realms
 
     # Checks ---------------------------------------------------------------------------------
 
@@ -442,6 +445,57 @@ class Accounts:
         )
         await self._user_changed(command.userid, ChangeKind.UPDATED, command.actor, ("tfa",))
         return Done()
+
+    async def update_tfa(self, command: TfaUpdate) -> Done:
+        """Change one factor's description or whether it counts at login (as Proxmox's PUT)."""
+        await self._reauthenticate(command.actor, command.userid, command.password)
+        changes = {
+            name: getattr(command, name)
+            for name in ("description", "enable")
+            if getattr(command, name) is not None
+        }
+
+        def edit(user: UserRecord) -> UserRecord:
+            # Checked on the record being replaced, so a concurrent delete cannot slip between.
+            if not any(entry.id == command.id for entry in user.totp):
+                raise not_found(
+                    "id", f"user '{command.userid}' has no second factor '{command.id}'"
+                )
+            factors = tuple(
+                msgspec.structs.replace(entry, **changes) if entry.id == command.id else entry
+                for entry in user.totp
+            )
+            return msgspec.structs.replace(user, totp=factors)
+
+        missing = not_found("userid", f"no such user ('{command.userid}')")
+        await change(self.ctx.tables.users, user_key(command.userid), edit, missing)
+        await self._user_changed(command.userid, ChangeKind.UPDATED, command.actor, ("tfa",))
+        return Done()
+
+    async def _reauthenticate(self, actor: str, userid: str, password: str | None) -> None:
+        """Check Proxmox's rule for changing second factors (``reauth_user_for_user_modification``).
+
+        Only root@pam touches root@pam's; everyone else confirms with their own current password,
+        so a stolen ticket alone cannot turn a victim's second factor off.
+        """
+        await self._user(userid)
+        if actor == ROOT_USER:
+            return
+        if userid == ROOT_USER:
+            raise RucherError(
+                ErrorCode.FORBIDDEN,
+                "only root@pam may change the second factors of root@pam",
+                details={"field": "userid"},
+            )
+        if password is None:
+            raise invalid("password", "password is required to modify user")
+        actor_user = actor.split("!", 1)[0]
+        record = await self._user(actor_user)
+        realm = self.realms.get(await self.realm_type(actor_user, "password"))
+        if realm is None:
+            raise invalid("password", f"the realm of '{actor_user}' does not check passwords")
+        if not await realm.authenticate(record, password):
+            raise invalid("password", "the password is wrong")
 
     async def verify_tfa(self, command: TfaVerify) -> Done:
         """Accept a current TOTP code once; ``unauthenticated`` otherwise."""

@@ -34,6 +34,7 @@ def routes(service: IamService) -> list[tuple[RpcSubject[Any, Any], Callable[[An
         (iam.TOKEN_LIST, accounts.list_tokens),
         (iam.TFA_ADD, accounts.add_tfa),
         (iam.TFA_DELETE, accounts.delete_tfa),
+        (iam.TFA_UPDATE, accounts.update_tfa),
         (iam.TFA_VERIFY, accounts.verify_tfa),
         (iam.TFA_LIST, accounts.list_tfa),
         (iam.ROLE_CREATE, access.create_role),

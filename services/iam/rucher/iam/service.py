@@ -20,6 +20,6 @@ class IamService:
         providers: ProviderFactory,
     ) -> None:
         self.context = context
-        self.accounts = Accounts(context)
+        self.accounts = Accounts(context, realms)
         self.access = Access(context, self.accounts)
         self.auth = Authenticator(context, self.accounts, realms, providers)

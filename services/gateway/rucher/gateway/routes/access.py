@@ -326,3 +326,21 @@ async def delete_tfa(call: Call) -> None:
         iam.TfaDelete, actor=call.authid, userid=call.params["userid"], id=call.params["id"]
     )
     await call.change_iam(iam.TFA_DELETE.address, request)
+
+
+@ROUTES("PUT", "/access/tfa/{userid}/{id}")
+async def update_tfa(call: Call) -> None:
+    """Change a second factor's description, or enable or disable it for login."""
+    p = call.params
+    request = call.command(
+        iam.TfaUpdate,
+        actor=call.authid,
+        userid=p["userid"],
+        id=p["id"],
+        description=p["description"],
+        enable=p["enable"],
+        password=p["password"],
+    )
+    await call.change_iam(
+        iam.TFA_UPDATE.address, request, timeout=call.gateway.settings.login_timeout
+    )
