@@ -298,3 +298,24 @@ def test_largest_follows_capacity_changes():
 def test_the_overcommit_ratio_must_be_positive():
     with pytest.raises(ValueError, match="must be positive"):
         ClusterView(cpu_overcommit=0)
+
+
+def test_overcommitted_flags_a_node_holding_more_than_it_has():
+    view = view_of("n1", cpus=4, memory=8 * GIB)
+    view.set_gpu_inventory(inventory("n1", gpu("0000:41:00.0", mig=True)))
+    view.reserve("n1", held("a", 101, vcpus=4, memory=8 * GIB))
+    assert not view.overcommitted("n1")
+    view.reserve("n1", held("b", 102, memory=1))
+    assert view.overcommitted("n1")
+    view.release("n1", "b")
+    big = (GpuRequest(kind=GpuKind.MIG, mig_profile="7g.141gb"),)
+    view.reserve("n1", held("c", 103, vcpus=1, memory=0, gpus=big))
+    assert view.overcommitted("n1")  # vCPUs: 5 of 4
+    view.release("n1", "c")
+    view.release("n1", "a")
+    view.reserve("n1", held("d", 104, gpus=big))
+    assert not view.overcommitted("n1")
+    view.reserve("n1", held("e", 105, gpus=big))  # no second 7g on one H200
+    assert view.overcommitted("n1")
+    view.set_reservations("n1", [held("d", 104, gpus=big)])
+    assert not view.overcommitted("n1")

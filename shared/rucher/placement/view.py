@@ -76,6 +76,7 @@ class ClusterView:
         # Filters' cached "nodes that have X at all", keyed by what X is (see filters.base).
         self._ranked = True
         self._present_total = 0
+        self._gpu_short: dict[int, bool] = {}  # GPU claims a node could not hold (MIG, mostly)
         self.narrowing: dict[tuple[object, ...], tuple[int, NDArray[np.intp]]] = {}
         self._allocate(_ROWS)
 
@@ -273,7 +274,21 @@ class ClusterView:
         self.locations[reservation.vmid] = i
         self._update_free(i)
         if resources.gpus and not reservation.gpu_applied:
-            apply_gpu_requests(self.gpu, i, self.names[i], resources.gpus, self.mappings)
+            fitted = apply_gpu_requests(self.gpu, i, self.names[i], resources.gpus, self.mappings)
+            self._gpu_short[i] = self._gpu_short.get(i, False) or not fitted
+
+    def overcommitted(self, node: str | int) -> bool:
+        """Whether what is held on the node exceeds what it has (a claim must never cause it)."""
+        i = node if isinstance(node, int) else self.index[node]
+        gpu = self.gpu
+        return bool(
+            self.vcpu_free[i] < 0
+            or self.mem_free[i] < 0
+            or self._gpu_short.get(i, False)
+            or (gpu.dev_free[i] < 0).any()
+            or (gpu.mdev_free[i] < 0).any()
+            or (gpu.map_free[i] < 0).any()
+        )
 
     def release(self, node: str | int, key: str) -> Reservation | None:
         """Give back what a reservation held; returns it, or None if it was not held."""
@@ -351,8 +366,10 @@ class ClusterView:
             if not reservation.gpu_applied
             for request in reservation.resources.gpus
         ]
-        if pending:
-            apply_gpu_requests(self.gpu, i, self.names[i], tuple(pending), self.mappings)
+        fitted = not pending or apply_gpu_requests(
+            self.gpu, i, self.names[i], tuple(pending), self.mappings
+        )
+        self._gpu_short[i] = not fitted
 
     def mig_codes(self, i: int) -> list[int]:
         """The MIG state codes of a node's GPUs (``NO_GPU`` for empty columns)."""
