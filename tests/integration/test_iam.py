@@ -584,6 +584,7 @@ async def test_totp_second_factor(bus, view):
         "value",
         actor=userid,
         userid=userid,
+        password="tfa-password",
         totp=uri,
         value="000000" if totp.code_now(spec, time.time()) != "000000" else "1",
     )
@@ -594,6 +595,7 @@ async def test_totp_second_factor(bus, view):
         "totp",
         actor=userid,
         userid=userid,
+        password="tfa-password",
         totp="otpauth://totp/x",
         value="123456",
     )
@@ -602,6 +604,7 @@ async def test_totp_second_factor(bus, view):
         iam.TFA_ADD,
         actor=userid,
         userid=userid,
+        password="tfa-password",
         totp=uri,
         value=totp.code_now(spec, time.time()),
         description="phone",
@@ -648,12 +651,68 @@ async def test_totp_second_factor(bus, view):
     )
     # ... and the old style, the code with the password.
     await refused(bus, iam.TFA_VERIFY, ErrorCode.UNAUTHENTICATED, userid=userid, code=code)
-    await call(bus, iam.TFA_DELETE, actor=userid, userid=userid, id=added.id)
-    await refused(
-        bus, iam.TFA_DELETE, ErrorCode.NOT_FOUND, "id", actor=userid, userid=userid, id=added.id
-    )
+    removal = {"actor": userid, "userid": userid, "id": added.id, "password": "tfa-password"}
+    await call(bus, iam.TFA_DELETE, **removal)
+    await refused(bus, iam.TFA_DELETE, ErrorCode.NOT_FOUND, "id", **removal)
     plain = await login(bus, userid, "tfa-password")
     assert not plain.need_tfa and view.verify_ticket(plain.ticket) == userid
+
+
+async def test_adding_or_removing_a_second_factor_needs_the_actors_password(bus, iam_stack):
+    # Regression: adding and deleting skipped Proxmox's re-authentication, so a stolen ticket
+    # alone could enrol the thief's authenticator for a victim or remove the victim's factor.
+    userid = f"{name('tfa')}@pve"
+    await call(bus, iam.USER_CREATE, actor=ADMIN, userid=userid, password="tfa-password")
+    spec = totp.TotpSpec(secret=totp.new_secret())
+
+    def factor(**fields):
+        uri = totp.make_uri(spec, userid)
+        return {"totp": uri, "value": totp.code_now(spec, time.time()), **fields}
+
+    mine = {"actor": userid, "userid": userid}
+    admin = {"actor": ADMIN, "password": admin_password(iam_stack)}
+    await refused(bus, iam.TFA_ADD, ErrorCode.INVALID, "password", **factor(**mine))
+    for wrong in (
+        {**mine, "password": "wrong-password"},
+        # The target user's password does not confirm an administrator's change.
+        {"actor": ADMIN, "userid": userid, "password": "tfa-password"},
+    ):
+        await refused(bus, iam.TFA_ADD, ErrorCode.INVALID, "password", **factor(**wrong))
+    await refused(
+        bus, iam.TFA_ADD, ErrorCode.FORBIDDEN, "userid", **factor(userid="root@pam", **admin)
+    )
+    await refused(
+        bus, iam.TFA_ADD, ErrorCode.NOT_FOUND, "userid", **factor(userid="nobody@pve", **admin)
+    )
+    assert (await call(bus, iam.TFA_LIST, userid=userid)).entries == ()
+
+    # The user with their own password, an administrator with theirs, root@pam with none.
+    ids = [
+        (await call(bus, iam.TFA_ADD, **factor(**fields))).id
+        for fields in (
+            {**mine, "password": "tfa-password"},
+            {"userid": userid, **admin},
+            {"actor": "root@pam", "userid": userid},
+        )
+    ]
+    listed = (await call(bus, iam.TFA_LIST, userid=userid)).entries
+    assert [e.id for e in listed] == ids
+
+    first = {**mine, "id": ids[0]}
+    await refused(bus, iam.TFA_DELETE, ErrorCode.INVALID, "password", **first)
+    await refused(
+        bus, iam.TFA_DELETE, ErrorCode.INVALID, "password", password="wrong-password", **first
+    )
+    await refused(
+        bus, iam.TFA_DELETE, ErrorCode.FORBIDDEN, "userid", userid="root@pam", id=ids[0], **admin
+    )
+    listed = (await call(bus, iam.TFA_LIST, userid=userid)).entries
+    assert [e.id for e in listed] == ids
+
+    await call(bus, iam.TFA_DELETE, password="tfa-password", **first)
+    await call(bus, iam.TFA_DELETE, userid=userid, id=ids[1], **admin)
+    await call(bus, iam.TFA_DELETE, actor="root@pam", userid=userid, id=ids[2])
+    assert (await call(bus, iam.TFA_LIST, userid=userid)).entries == ()
 
 
 async def test_updating_a_second_factor(bus, view, iam_stack):
@@ -665,6 +724,7 @@ async def test_updating_a_second_factor(bus, view, iam_stack):
         iam.TFA_ADD,
         actor=userid,
         userid=userid,
+        password="tfa-password",
         totp=totp.make_uri(spec, userid),
         value=totp.code_now(spec, time.time()),
         description="phone",
@@ -773,6 +833,7 @@ async def test_concurrent_second_factor_updates_all_land(bus):
                 iam.TFA_ADD,
                 actor=userid,
                 userid=userid,
+                password="tfa-password",
                 totp=totp.make_uri(spec, userid),
                 value=totp.code_now(spec, time.time()),
             )

@@ -465,13 +465,17 @@ class DomainDelete(Command, frozen=True, kw_only=True, tag="iam.domain.delete"):
 
 
 class TfaAdd(Command, frozen=True, kw_only=True, tag="iam.tfa.add"):
-    """Add a TOTP factor: its ``otpauth://`` URI and a current code proving it works."""
+    """Add a TOTP factor: its ``otpauth://`` URI and a current code proving it works.
+
+    ``password`` is the actor's own current password: everyone but root@pam must give it.
+    """
 
     actor: AuthId
     userid: UserId
     totp: Text
     value: Secret
     description: Text = ""
+    password: Secret | None = None
 
 
 class TfaAdded(Reply, frozen=True, kw_only=True, tag="iam.tfa.added"):
@@ -481,11 +485,15 @@ class TfaAdded(Reply, frozen=True, kw_only=True, tag="iam.tfa.added"):
 
 
 class TfaDelete(Command, frozen=True, kw_only=True, tag="iam.tfa.delete"):
-    """Remove one of a user's second factors."""
+    """Remove one of a user's second factors.
+
+    ``password`` is the actor's own current password: everyone but root@pam must give it.
+    """
 
     actor: AuthId
     userid: UserId
     id: str
+    password: Secret | None = None
 
 
 class TfaUpdate(Command, frozen=True, kw_only=True, tag="iam.tfa.update"):

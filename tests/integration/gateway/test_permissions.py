@@ -28,7 +28,7 @@ from rucher.pve.schema import Endpoint
 from rucher.tasks import TaskStore, UpidMinter
 
 from ..buses import connected
-from .stack import ADMIN, NODE, Api, grant, logged_in, make_user, unique
+from .stack import ADMIN, ADMIN_PASSWORD, NODE, Api, grant, logged_in, make_user, unique
 
 pytestmark = pytest.mark.integration
 
@@ -159,7 +159,7 @@ async def _new_factor(admin: Api, world: World) -> Params:
 async def _factor(admin: Api, world: World) -> Params:
     params = _totp_params(await make_user(admin))
     userid = params.pop("userid")
-    reply = await admin.post(f"/access/tfa/{userid}", **params)
+    reply = await admin.post(f"/access/tfa/{userid}", password=ADMIN_PASSWORD, **params)
     assert reply.status == 200, reply
     return {"userid": userid, "id": reply.data["id"]}
 
@@ -231,9 +231,9 @@ CASES: dict[tuple[str, str], Case] = {
     ("DELETE", "/access/domains/{realm}"): Case(_realm),
     ("GET", "/access/tfa"): Case(_nothing),
     ("GET", "/access/tfa/{userid}"): Case(_victim),
-    ("POST", "/access/tfa/{userid}"): Case(_new_factor),
+    ("POST", "/access/tfa/{userid}"): Case(_plus(_new_factor, password=PASSWORD)),
     ("GET", "/access/tfa/{userid}/{id}"): Case(_factor),
-    ("DELETE", "/access/tfa/{userid}/{id}"): Case(_factor),
+    ("DELETE", "/access/tfa/{userid}/{id}"): Case(_plus(_factor, password=PASSWORD)),
     ("PUT", "/access/tfa/{userid}/{id}"): Case(_plus(_factor, enable=0, password=PASSWORD)),
 }
 WORLD_OPEN = {e.key for e in SCHEMA.endpoints if e.permissions.user == "world"}

@@ -8,7 +8,7 @@ import pytest
 
 from rucher.pve import totp
 
-from .stack import Api, Stack, logged_in, make_user, token_client
+from .stack import ADMIN_PASSWORD, Api, Stack, logged_in, make_user, token_client
 
 pytestmark = pytest.mark.integration
 
@@ -45,6 +45,7 @@ async def test_a_disabled_totp_factor_is_no_longer_required_nor_accepted(stack, 
         totp=totp.make_uri(spec, userid),
         value=totp.code_now(spec, time.time()),
         description="phone",
+        password=PASSWORD,
     )
     assert added.status == 200, added
     factor = f"/access/tfa/{userid}/{added.data['id']}"
@@ -90,11 +91,61 @@ async def test_a_disabled_totp_factor_is_no_longer_required_nor_accepted(stack, 
     await user.close()
 
 
+async def test_a_ticket_alone_cannot_add_or_remove_a_second_factor(stack, admin):
+    # Regression: POST and DELETE skipped the re-authentication PUT does, so a stolen ticket
+    # could enrol the thief's authenticator for its victim, or remove the victim's factor.
+    userid = await make_user(admin, password=PASSWORD)
+    user = await logged_in(stack, userid, PASSWORD)
+    spec = totp.TotpSpec(secret=totp.new_secret())
+
+    def factor(**extra: str) -> dict[str, str]:
+        value = totp.code_now(spec, time.time())
+        return {"type": "totp", "totp": totp.make_uri(spec, userid), "value": value, **extra}
+
+    factors = f"/access/tfa/{userid}"
+    for caller, extra in (
+        (user, {}),
+        (user, {"password": "not-the-password"}),
+        (admin, {"password": PASSWORD}),  # the victim's password, not the administrator's
+    ):
+        reply = await caller.post(factors, **factor(**extra))
+        assert reply.status == 400 and set(reply.errors) == {"password"}, reply
+    assert (await user.get(factors)).data == []
+
+    own = await user.post(factors, **factor(password=PASSWORD))
+    assert own.status == 200, own
+    managed = await admin.post(factors, **factor(password=ADMIN_PASSWORD))
+    assert managed.status == 200, managed
+    ids = [entry["id"] for entry in (await user.get(factors)).data]
+    assert ids == [own.data["id"], managed.data["id"]]
+
+    for caller, extra in ((user, {}), (admin, {}), (user, {"password": "not-the-password"})):
+        reply = await caller.delete(f"{factors}/{own.data['id']}", **extra)
+        assert reply.status == 400 and set(reply.errors) == {"password"}, reply
+    assert [entry["id"] for entry in (await user.get(factors)).data] == ids
+
+    removed = await user.delete(f"{factors}/{own.data['id']}", password=PASSWORD)
+    assert removed.status == 200, removed
+    removed = await admin.delete(f"{factors}/{managed.data['id']}", password=ADMIN_PASSWORD)
+    assert removed.status == 200, removed
+    assert (await user.get(factors)).data == []
+    await user.close()
+
+
 async def test_api_tokens_may_not_change_second_factors(stack, admin):
     userid = await make_user(admin, password=PASSWORD)
     created = await admin.post(f"/access/users/{userid}/token/ci", privsep=0)
     assert created.status == 200, created
     token = token_client(stack, created.data["full-tokenid"], created.data["value"])
-    reply = await token.put(f"/access/tfa/{userid}/any", enable=0, password=PASSWORD)
+    spec = totp.TotpSpec(secret=totp.new_secret())
+    added = await token.post(
+        f"/access/tfa/{userid}",
+        type="totp",
+        totp=totp.make_uri(spec, userid),
+        value=totp.code_now(spec, time.time()),
+        password=PASSWORD,
+    )
+    updated = await token.put(f"/access/tfa/{userid}/any", enable=0, password=PASSWORD)
+    deleted = await token.delete(f"/access/tfa/{userid}/any", password=PASSWORD)
     await token.close()
-    assert reply.status == 403, reply
+    assert [added.status, updated.status, deleted.status] == [403, 403, 403], (added, deleted)

@@ -407,6 +407,7 @@ class Accounts:
 
     async def add_tfa(self, command: TfaAdd) -> TfaAdded:
         """Add a TOTP factor once a current code proves the authenticator holds it."""
+        await self._reauthenticate(command.actor, command.userid, command.password)
         try:
             spec = totp.parse_uri(command.totp)
         except totp.TotpError as err:
@@ -431,7 +432,8 @@ class Accounts:
         return TfaAdded(id=entry.id)
 
     async def delete_tfa(self, command: TfaDelete) -> Done:
-        """Remove one factor."""
+        """Remove one factor (after the same re-authentication as Proxmox's DELETE)."""
+        await self._reauthenticate(command.actor, command.userid, command.password)
         user = await self._user(command.userid)
         if not any(entry.id == command.id for entry in user.totp):
             raise not_found("id", f"user '{command.userid}' has no second factor '{command.id}'")
@@ -476,7 +478,7 @@ class Accounts:
         """Check Proxmox's rule for changing second factors (``reauth_user_for_user_modification``).
 
         Only root@pam touches root@pam's; everyone else confirms with their own current password,
-        so a stolen ticket alone cannot turn a victim's second factor off.
+        so a stolen ticket alone cannot add, change or remove a victim's second factor.
         """
         await self._user(userid)
         if actor == ROOT_USER:

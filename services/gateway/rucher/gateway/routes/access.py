@@ -315,17 +315,23 @@ async def add_tfa(call: Call) -> dict[str, str]:
         totp=p["totp"],
         value=p["value"],
         description=p["description"],
+        password=p["password"],
     )
-    return {"id": (await call.change_iam(iam.TFA_ADD.address, request)).id}
+    # The actor's password may be checked by PAM, which is slow: as long as a login may take.
+    timeout = call.gateway.settings.login_timeout
+    return {"id": (await call.change_iam(iam.TFA_ADD.address, request, timeout=timeout)).id}
 
 
 @ROUTES("DELETE", "/access/tfa/{userid}/{id}")
 async def delete_tfa(call: Call) -> None:
     """Remove a second factor."""
+    p = call.params
     request = call.command(
-        iam.TfaDelete, actor=call.authid, userid=call.params["userid"], id=call.params["id"]
+        iam.TfaDelete, actor=call.authid, userid=p["userid"], id=p["id"], password=p["password"]
     )
-    await call.change_iam(iam.TFA_DELETE.address, request)
+    await call.change_iam(
+        iam.TFA_DELETE.address, request, timeout=call.gateway.settings.login_timeout
+    )
 
 
 @ROUTES("PUT", "/access/tfa/{userid}/{id}")
