@@ -174,7 +174,7 @@ async def test_disabled_and_expired_users_cannot_log_in_and_lose_their_tickets(b
 # Users, passwords, groups ----------------------------------------------------------------
 
 
-async def test_user_lifecycle(bus, view):
+async def test_user_lifecycle(bus, view, iam_stack):
     group = name("grp")
     await call(bus, iam.GROUP_CREATE, actor=ADMIN, groupid=group, comment="team")
     userid = f"{name('alice')}@pve"
@@ -247,8 +247,19 @@ async def test_user_lifecycle(bus, view):
         userid="ghost@pve",
         comment="x",
     )
-    # Password change, then the new password works and the old one does not.
-    await call(bus, iam.PASSWORD_CHANGE, actor=ADMIN, userid=userid, password="second-pass")
+    # Password change, then the new password works and the old one does not. As in Proxmox,
+    # everyone but root@pam confirms with their own current password.
+    await refused(
+        bus,
+        iam.PASSWORD_CHANGE,
+        ErrorCode.INVALID,
+        "confirmation-password",
+        actor=ADMIN,
+        userid=userid,
+        password="second-pass",
+    )
+    confirmed = {"actor": ADMIN, "confirmation_password": admin_password(iam_stack)}
+    await call(bus, iam.PASSWORD_CHANGE, userid=userid, password="second-pass", **confirmed)
     await login(bus, userid, "second-pass")
     await refused(bus, iam.LOGIN, ErrorCode.UNAUTHENTICATED, username=userid, password="first-pass")
     await refused(
@@ -256,9 +267,9 @@ async def test_user_lifecycle(bus, view):
         iam.PASSWORD_CHANGE,
         ErrorCode.INVALID,
         "password",
-        actor=ADMIN,
         userid=userid,
         password="tiny",
+        **confirmed,
     )
     await refused(
         bus,
@@ -278,12 +289,24 @@ async def test_user_lifecycle(bus, view):
         password="third-pass1",
         confirmation_password="second-pass",
     )
+    await call(bus, iam.PASSWORD_CHANGE, actor="root@pam", userid=userid, password="fourth-pass")
+    await login(bus, userid, "fourth-pass")
+    # Only root@pam changes root@pam's password, and pam passwords are the system's own.
+    await refused(
+        bus,
+        iam.PASSWORD_CHANGE,
+        ErrorCode.FORBIDDEN,
+        "userid",
+        userid="root@pam",
+        password="whatever-long",
+        **confirmed,
+    )
     await refused(
         bus,
         iam.PASSWORD_CHANGE,
         ErrorCode.UNSUPPORTED,
         "userid",
-        actor=ADMIN,
+        actor="root@pam",
         userid="root@pam",
         password="whatever-long",
     )

@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -14,6 +15,7 @@ from rucher.authz import AuthzView
 from rucher.bus import RucherError
 from rucher.proto import iam
 from rucher.proto.errors import ErrorCode
+from rucher.pve import totp
 
 from .buses import connected
 from .iam_service import start_iam, stop_iam, wait_ready
@@ -70,5 +72,56 @@ async def test_a_pam_user_logs_in_with_the_system_password(nats_server, tmp_path
                 with pytest.raises(RucherError) as refused:
                     await bus.request(iam.LOGIN.address, bad, timeout=30)
                 assert refused.value.code is ErrorCode.UNAUTHENTICATED
+    finally:
+        await asyncio.to_thread(stop_iam, process)
+
+
+async def test_a_pam_user_confirms_changes_with_the_system_password(
+    nats_server, tmp_path, system_user
+):
+    # Regression: PUT /access/password checked `confirmation-password` against pve hashes only,
+    # so a pam user (an administrator logged in as a system user) could never confirm one.
+    name, password = system_user
+    process = start_iam(nats_server.url, tmp_path / "state", RUCHER_LOGIN_FAILURE_DELAY="0.2")
+    try:
+        await wait_ready(nats_server.url, process)
+        async with connected(nats_server.url) as bus:
+
+            async def ask(subject, **fields):
+                if "command_id" in subject.payload.__struct_fields__:
+                    fields["command_id"] = uuid.uuid4().hex
+                message = subject.payload(**fields)
+                return await bus.request(subject.address, message, timeout=30)
+
+            async def refused(field, subject, **fields):
+                with pytest.raises(RucherError) as caught:
+                    await ask(subject, **fields)
+                assert caught.value.code is ErrorCode.INVALID, caught.value
+                assert caught.value.details.get("field") == field, caught.value.details
+
+            actor = f"{name}@pam"
+            target = f"pt{uuid.uuid4().hex[:8]}@pve"
+            await ask(iam.USER_CREATE, actor="root@pam", userid=actor)
+            await ask(iam.USER_CREATE, actor="root@pam", userid=target, password="first-pass-1")
+            change = {"actor": actor, "userid": target, "password": "second-pass-1"}
+            field = "confirmation-password"
+            await refused(field, iam.PASSWORD_CHANGE, **change)
+            await refused(
+                field, iam.PASSWORD_CHANGE, confirmation_password=password + "x", **change
+            )
+            await ask(iam.PASSWORD_CHANGE, confirmation_password=password, **change)
+            granted = await ask(iam.LOGIN, username=target, password="second-pass-1")
+            assert granted.username == target
+
+            # The same check guards second factors: PAM confirms them too.
+            spec = totp.TotpSpec(secret=totp.new_secret())
+            factor = {"actor": actor, "userid": actor, "totp": totp.make_uri(spec, actor)}
+            code = totp.code_now(spec, time.time())
+            await refused("password", iam.TFA_ADD, value=code, password=password + "x", **factor)
+            added = await ask(iam.TFA_ADD, value=code, password=password, **factor)
+            removal = {"actor": actor, "userid": actor, "id": added.id}
+            await refused("password", iam.TFA_DELETE, **removal)
+            await ask(iam.TFA_DELETE, password=password, **removal)
+            assert (await ask(iam.TFA_LIST, userid=actor)).entries == ()
     finally:
         await asyncio.to_thread(stop_iam, process)

@@ -12,7 +12,16 @@ import pytest
 
 from rucher.gateway.certs import ensure_self_signed
 
-from .stack import ADMIN, Api, logged_in, make_user, start_stack, token_client, unique
+from .stack import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    Api,
+    logged_in,
+    make_user,
+    start_stack,
+    token_client,
+    unique,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -105,6 +114,36 @@ async def test_api_tokens_authenticate_without_csrf_but_not_where_proxmox_forbid
     reply = await token.put("/access/password", userid=userid, password="another-pass-1")
     assert reply.status == 403
     await token.close()
+
+
+async def test_a_password_change_is_confirmed_with_the_callers_own_password(stack, admin):
+    userid = await make_user(admin, password="first-pass-1")
+    user = await logged_in(stack, userid, "first-pass-1")
+    for confirmation in ({}, {"confirmation-password": "not-the-password"}):
+        reply = await user.put(
+            "/access/password", userid=userid, password="second-pass-1", **confirmation
+        )
+        assert reply.status == 400 and set(reply.errors) == {"confirmation-password"}, reply
+    reply = await user.put(
+        "/access/password",
+        userid=userid,
+        password="second-pass-1",
+        **{"confirmation-password": "first-pass-1"},
+    )
+    assert reply.status == 200, reply
+    await user.close()
+    # An administrator confirms with their own password, not the user's.
+    reply = await admin.put(
+        "/access/password",
+        userid=userid,
+        password="third-pass-1",
+        **{"confirmation-password": ADMIN_PASSWORD},
+    )
+    assert reply.status == 200, reply
+    fresh = Api(stack)
+    assert (await fresh.login(userid, "second-pass-1")).status == 401
+    assert (await fresh.login(userid, "third-pass-1")).status == 200
+    await fresh.close()
 
 
 async def test_errors_name_the_field(admin):

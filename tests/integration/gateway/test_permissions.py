@@ -199,7 +199,9 @@ CASES: dict[tuple[str, str], Case] = {
     ),  # adding a guest needs rights on its ACL too
     ("DELETE", "/pools/{poolid}"): Case(_pool),
     ("GET", "/access"): Case(_nothing),
-    ("PUT", "/access/password"): Case(_plus(_victim, password="changed-pass-1")),
+    ("PUT", "/access/password"): Case(
+        _plus(_victim, password="changed-pass-1", **{"confirmation-password": PASSWORD})
+    ),
     ("GET", "/access/permissions"): Case(_nothing),
     ("GET", "/access/users"): Case(_nothing),
     ("POST", "/access/users"): Case(_new_user),

@@ -12,7 +12,7 @@ import msgspec
 from rucher.bus import RucherError
 from rucher.iam.context import Context, change, exists, invalid, not_found
 from rucher.iam.realms.interface import PasswordRealm
-from rucher.iam.realms.pve import hash_password, verify_password
+from rucher.iam.realms.pve import hash_password
 from rucher.proto.common import ChangeKind, Done
 from rucher.proto.errors import ErrorCode
 from rucher.proto.iam import (
@@ -128,6 +128,34 @@ class Accounts:
             raise not_found("userid", f"no such user ('{userid}')")
         return entry.value
 
+    async def reauthenticate(
+        self, actor: str, userid: str, password: str | None, field: str = "password"
+    ) -> None:
+        """Check Proxmox's ``reauth_user_for_user_modification`` before changing ``userid``.
+
+        Only root@pam modifies root@pam; everyone else confirms with their own current password
+        (in ``field``), checked by their own realm, so a stolen ticket alone cannot change a
+        victim's password or second factors.
+        """
+        await self._user(userid)
+        if actor == ROOT_USER:
+            return
+        if userid == ROOT_USER:
+            raise RucherError(
+                ErrorCode.FORBIDDEN,
+                "only root@pam may modify root@pam",
+                details={"field": "userid"},
+            )
+        if password is None:
+            raise invalid(field, "password is required to modify user")
+        actor_user = actor.split("!", 1)[0]
+        record = await self._user(actor_user)
+        realm = self.realms.get(await self.realm_type(actor_user, field))
+        if realm is None:
+            raise invalid(field, f"the realm of '{actor_user}' does not check passwords")
+        if not await realm.authenticate(record, password):
+            raise invalid(field, "the password is wrong")
+
     # Users ----------------------------------------------------------------------------------
 
     async def create_user(self, command: UserCreate) -> Done:
@@ -239,17 +267,10 @@ class Accounts:
         return UserList(users=tuple(users))
 
     async def change_password(self, command: PasswordChange) -> Done:
-        """Set a pve user's password (after checking the actor's own, when given)."""
-        if command.confirmation_password is not None:
-            actor = command.actor.split("!", 1)[0]
-            record = await self._user(actor)
-            if await self.realm_type(actor, "confirmation-password") is not RealmType.PVE:
-                raise invalid("confirmation-password", "only pve users can confirm this way")
-            confirmed = await asyncio.to_thread(
-                verify_password, record.password_hash, command.confirmation_password
-            )
-            if not confirmed:
-                raise invalid("confirmation-password", "confirmation password is wrong")
+        """Set a pve user's password, once the actor confirmed with their own (but root@pam)."""
+        await self.reauthenticate(
+            command.actor, command.userid, command.confirmation_password, "confirmation-password"
+        )
         if await self.realm_type(command.userid) is not RealmType.PVE:
             raise RucherError(
                 ErrorCode.UNSUPPORTED,
@@ -407,7 +428,7 @@ class Accounts:
 
     async def add_tfa(self, command: TfaAdd) -> TfaAdded:
         """Add a TOTP factor once a current code proves the authenticator holds it."""
-        await self._reauthenticate(command.actor, command.userid, command.password)
+        await self.reauthenticate(command.actor, command.userid, command.password)
         try:
             spec = totp.parse_uri(command.totp)
         except totp.TotpError as err:
@@ -433,7 +454,7 @@ class Accounts:
 
     async def delete_tfa(self, command: TfaDelete) -> Done:
         """Remove one factor (after the same re-authentication as Proxmox's DELETE)."""
-        await self._reauthenticate(command.actor, command.userid, command.password)
+        await self.reauthenticate(command.actor, command.userid, command.password)
         user = await self._user(command.userid)
         if not any(entry.id == command.id for entry in user.totp):
             raise not_found("id", f"user '{command.userid}' has no second factor '{command.id}'")
@@ -450,7 +471,7 @@ class Accounts:
 
     async def update_tfa(self, command: TfaUpdate) -> Done:
         """Change one factor's description or whether it counts at login (as Proxmox's PUT)."""
-        await self._reauthenticate(command.actor, command.userid, command.password)
+        await self.reauthenticate(command.actor, command.userid, command.password)
         changes = {
             name: getattr(command, name)
             for name in ("description", "enable")
@@ -473,31 +494,6 @@ class Accounts:
         await change(self.ctx.tables.users, user_key(command.userid), edit, missing)
         await self._user_changed(command.userid, ChangeKind.UPDATED, command.actor, ("tfa",))
         return Done()
-
-    async def _reauthenticate(self, actor: str, userid: str, password: str | None) -> None:
-        """Check Proxmox's rule for changing second factors (``reauth_user_for_user_modification``).
-
-        Only root@pam touches root@pam's; everyone else confirms with their own current password,
-        so a stolen ticket alone cannot add, change or remove a victim's second factor.
-        """
-        await self._user(userid)
-        if actor == ROOT_USER:
-            return
-        if userid == ROOT_USER:
-            raise RucherError(
-                ErrorCode.FORBIDDEN,
-                "only root@pam may change the second factors of root@pam",
-                details={"field": "userid"},
-            )
-        if password is None:
-            raise invalid("password", "password is required to modify user")
-        actor_user = actor.split("!", 1)[0]
-        record = await self._user(actor_user)
-        realm = self.realms.get(await self.realm_type(actor_user, "password"))
-        if realm is None:
-            raise invalid("password", f"the realm of '{actor_user}' does not check passwords")
-        if not await realm.authenticate(record, password):
-            raise invalid("password", "the password is wrong")
 
     async def verify_tfa(self, command: TfaVerify) -> Done:
         """Accept a current TOTP code once; ``unauthenticated`` otherwise."""
