@@ -49,3 +49,16 @@ def _read(path: Path) -> str:
 
 def _alive(connection, name: str) -> bool:
     return name in [domain.name() for domain in connection.listAllDomains()]
+
+
+GOLDEN = Path(__file__).parents[1] / "unit" / "golden" / "compute"
+
+
+@pytest.mark.parametrize("golden", sorted(path.name for path in GOLDEN.glob("*.xml")))
+def test_golden_domains_are_accepted_by_libvirtd(libvirtd, golden):
+    connection = libvirt.open(libvirtd)
+    try:
+        domain = connection.defineXML((GOLDEN / golden).read_text())
+        domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    finally:
+        connection.close()

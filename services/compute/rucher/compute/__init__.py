@@ -1,0 +1,1 @@
+"""Rucher compute agent: virtual machines through libvirt, in Proxmox's terms."""
