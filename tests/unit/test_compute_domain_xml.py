@@ -6,6 +6,8 @@ Regenerate after a deliberate change: RUCHER_UPDATE_GOLDEN=1 pytest on this file
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,10 @@ def test_domain_names_round_trip():
 def test_smbios_uuid_is_kept():
     spec = DomainSpec(vmid=100, config={"smbios1": "uuid=0f8c6f7e-1111-4222-8333-444455556666"})
     assert "<uuid>0f8c6f7e-1111-4222-8333-444455556666</uuid>" in domain_xml(spec, HostFacts())
+
+
+def test_the_formats_file_matches_the_proxmox_schema():
+    root = Path(__file__).parents[2]
+    script = root / "ops" / "gen_compute_formats.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], check=False)
+    assert result.returncode == 0, "stale: run ops/gen_compute_formats.py"

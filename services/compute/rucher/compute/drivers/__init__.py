@@ -1,0 +1,1 @@
+"""Hypervisor drivers of the compute agent: a Protocol and one module per backend."""

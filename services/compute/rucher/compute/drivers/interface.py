@@ -1,0 +1,59 @@
+"""What the compute service needs from a hypervisor: define, run and observe domains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from rucher.proto.common import PowerState
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """One domain as the hypervisor sees it now."""
+
+    name: str
+    state: PowerState
+    memory: int = 0
+    max_memory: int = 0
+    vcpus: int = 0
+    cpu_time_ns: int = 0
+
+
+class Hypervisor(Protocol):
+    """A node's hypervisor; every method may block, so drivers run them off the event loop."""
+
+    kvm: bool
+
+    async def define(self, xml: str) -> None:
+        """Define (or redefine) a persistent domain from its XML."""
+
+    async def undefine(self, name: str) -> None:
+        """Remove a stopped domain's definition; a missing domain is not an error."""
+
+    async def start(self, name: str) -> None:
+        """Start a defined domain."""
+
+    async def stop(self, name: str) -> None:
+        """Stop a domain at once (pull the plug); a stopped domain is not an error."""
+
+    async def shutdown(self, name: str) -> None:
+        """Ask the guest to power off (ACPI power button)."""
+
+    async def reboot(self, name: str) -> None:
+        """Ask the guest to reboot (ACPI)."""
+
+    async def reset(self, name: str) -> None:
+        """Reset the domain's virtual hardware."""
+
+    async def suspend(self, name: str) -> None:
+        """Pause the domain's vCPUs."""
+
+    async def resume(self, name: str) -> None:
+        """Resume a paused domain."""
+
+    async def info(self, name: str) -> DomainInfo | None:
+        """The domain's state and counters, or None when it is not defined."""
+
+    async def domains(self) -> list[DomainInfo]:
+        """Every domain defined or running on this node."""
