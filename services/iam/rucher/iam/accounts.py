@@ -1,9 +1,8 @@
-"""Users, groups, passwords, API tokens and TOTP factors."""
+"""Users, groups, passwords and API tokens, and the password re-check before changing a user."""
 
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import Callable
 
@@ -30,13 +29,6 @@ from rucher.proto.iam import (
     GroupUpdate,
     PasswordChange,
     PasswordChanged,
-    TfaAdd,
-    TfaAdded,
-    TfaDelete,
-    TfaList,
-    TfaListQuery,
-    TfaUpdate,
-    TfaVerify,
     TokenChanged,
     TokenCreate,
     TokenCreated,
@@ -60,10 +52,8 @@ from rucher.proto.iam_state import (
     GroupInfo,
     GroupRecord,
     RealmType,
-    TfaEntryInfo,
     TokenInfo,
     TokenRecord,
-    TotpEntry,
     UserInfo,
     UserRecord,
     acl_key,
@@ -73,7 +63,6 @@ from rucher.proto.iam_state import (
     user_key,
 )
 from rucher.proto.keys import encode_token
-from rucher.pve import totp
 from rucher.pve.roles import ROOT_USER
 from rucher.pve.tokens import hash_secret, new_secret
 
@@ -91,7 +80,7 @@ def token_info(record: TokenRecord) -> TokenInfo:
 
 
 class Accounts:
-    """Create, change and delete users, groups, tokens and second factors."""
+    """Create, change and delete users, groups and tokens."""
 
     def __init__(self, context: Context, realms: dict[RealmType, PasswordRealm]) -> None:
         self.ctx = context
@@ -122,7 +111,8 @@ class Accounts:
         if expire is not None and expire < 0:
             raise invalid("expire", "expire must be 0 (never) or a Unix time")
 
-    async def _user(self, userid: str) -> UserRecord:
+    async def user(self, userid: str) -> UserRecord:
+        """A user's record; ``not_found`` (field userid) if there is none."""
         entry = await self.ctx.tables.users.get(user_key(userid))
         if entry is None or entry.value is None:
             raise not_found("userid", f"no such user ('{userid}')")
@@ -137,7 +127,7 @@ class Accounts:
         (in ``field``), checked by their own realm, so a stolen ticket alone cannot change a
         victim's password or second factors.
         """
-        await self._user(userid)
+        await self.user(userid)
         if actor == ROOT_USER:
             return
         if userid == ROOT_USER:
@@ -149,7 +139,7 @@ class Accounts:
         if password is None:
             raise invalid(field, "password is required to modify user")
         actor_user = actor.split("!", 1)[0]
-        record = await self._user(actor_user)
+        record = await self.user(actor_user)
         realm = self.realms.get(await self.realm_type(actor_user, field))
         if realm is None:
             raise invalid(field, f"the realm of '{actor_user}' does not check passwords")
@@ -188,7 +178,7 @@ class Accounts:
             if err.code is ErrorCode.EXISTS:
                 raise exists("userid", f"user '{command.userid}' already exists") from err
             raise
-        await self._user_changed(command.userid, ChangeKind.CREATED, command.actor, ())
+        await self.user_changed(command.userid, ChangeKind.CREATED, command.actor, ())
         return Done()
 
     async def update_user(self, command: UserUpdate) -> Done:
@@ -214,7 +204,7 @@ class Accounts:
         changed = tuple(
             name for name in msgspec.structs.asdict(new) if getattr(old, name) != getattr(new, name)
         )
-        await self._user_changed(command.userid, ChangeKind.UPDATED, command.actor, changed)
+        await self.user_changed(command.userid, ChangeKind.UPDATED, command.actor, changed)
         return Done()
 
     async def delete_user(self, command: UserDelete) -> Done:
@@ -234,7 +224,7 @@ class Accounts:
             command.actor,
         )
         await self.ctx.tables.users.delete(user_key(command.userid), revision=entry.revision)
-        await self._user_changed(command.userid, ChangeKind.DELETED, command.actor, ())
+        await self.user_changed(command.userid, ChangeKind.DELETED, command.actor, ())
         return Done()
 
     def list_users(self, query: UserListQuery) -> UserList:
@@ -358,7 +348,7 @@ class Accounts:
 
     async def create_token(self, command: TokenCreate) -> TokenCreated:
         """Create a token; its secret is in the reply and nowhere else."""
-        await self._user(command.userid)
+        await self.user(command.userid)
         self._check_expire(command.expire)
         tokenid = f"{command.userid}!{command.tokenid}"
         secret = new_secret()
@@ -424,134 +414,6 @@ class Accounts:
         )
         return TokenList(tokens=tuple(tokens))
 
-    # Second factors -------------------------------------------------------------------------
-
-    async def add_tfa(self, command: TfaAdd) -> TfaAdded:
-        """Add a TOTP factor once a current code proves the authenticator holds it."""
-        await self.reauthenticate(command.actor, command.userid, command.password)
-        try:
-            spec = totp.parse_uri(command.totp)
-        except totp.TotpError as err:
-            raise invalid("totp", f"invalid TOTP URI: {err}") from err
-        if totp.verify(spec, command.value, time.time()) is None:
-            raise invalid("value", "the TOTP code does not match the secret")
-        entry = TotpEntry(
-            id=secrets.token_hex(8),
-            secret=spec.secret,
-            description=command.description,
-            created=time.time(),
-            digits=spec.digits,
-            period=spec.period,
-        )
-        await change(
-            self.ctx.tables.users,
-            user_key(command.userid),
-            lambda user: msgspec.structs.replace(user, totp=(*user.totp, entry)),
-            not_found("userid", f"no such user ('{command.userid}')"),
-        )
-        await self._user_changed(command.userid, ChangeKind.UPDATED, command.actor, ("tfa",))
-        return TfaAdded(id=entry.id)
-
-    async def delete_tfa(self, command: TfaDelete) -> Done:
-        """Remove one factor (after the same re-authentication as Proxmox's DELETE)."""
-        await self.reauthenticate(command.actor, command.userid, command.password)
-        user = await self._user(command.userid)
-        if not any(entry.id == command.id for entry in user.totp):
-            raise not_found("id", f"user '{command.userid}' has no second factor '{command.id}'")
-        await change(
-            self.ctx.tables.users,
-            user_key(command.userid),
-            lambda u: msgspec.structs.replace(
-                u, totp=tuple(e for e in u.totp if e.id != command.id)
-            ),
-            not_found("userid", f"no such user ('{command.userid}')"),
-        )
-        await self._user_changed(command.userid, ChangeKind.UPDATED, command.actor, ("tfa",))
-        return Done()
-
-    async def update_tfa(self, command: TfaUpdate) -> Done:
-        """Change one factor's description or whether it counts at login (as Proxmox's PUT)."""
-        await self.reauthenticate(command.actor, command.userid, command.password)
-        changes = {
-            name: getattr(command, name)
-            for name in ("description", "enable")
-            if getattr(command, name) is not None
-        }
-
-        def edit(user: UserRecord) -> UserRecord:
-            # Checked on the record being replaced, so a concurrent delete cannot slip between.
-            if not any(entry.id == command.id for entry in user.totp):
-                raise not_found(
-                    "id", f"user '{command.userid}' has no second factor '{command.id}'"
-                )
-            factors = tuple(
-                msgspec.structs.replace(entry, **changes) if entry.id == command.id else entry
-                for entry in user.totp
-            )
-            return msgspec.structs.replace(user, totp=factors)
-
-        missing = not_found("userid", f"no such user ('{command.userid}')")
-        await change(self.ctx.tables.users, user_key(command.userid), edit, missing)
-        await self._user_changed(command.userid, ChangeKind.UPDATED, command.actor, ("tfa",))
-        return Done()
-
-    async def verify_tfa(self, command: TfaVerify) -> Done:
-        """Accept a current TOTP code once; ``unauthenticated`` otherwise."""
-        if not await self.consume_totp(command.userid, command.code):
-            raise RucherError(ErrorCode.UNAUTHENTICATED, "second factor refused")
-        return Done()
-
-    async def consume_totp(self, userid: str, code: str) -> bool:
-        """Whether ``code`` is a fresh code of one of the user's factors (then it is used up)."""
-        for _ in range(5):
-            entry = await self.ctx.tables.users.get(user_key(userid))
-            if entry is None or entry.value is None:
-                return False
-            user = entry.value
-            now = time.time()
-            steps = [
-                totp.verify(
-                    totp.TotpSpec(secret=f.secret, digits=f.digits, period=f.period),
-                    code,
-                    now,
-                    after_step=user.totp_last_step,
-                )
-                for f in user.totp
-                if f.enable
-            ]
-            matched = max((step for step in steps if step is not None), default=None)
-            if matched is None:
-                return False
-            try:
-                await self.ctx.tables.users.update(
-                    user_key(userid),
-                    msgspec.structs.replace(user, totp_last_step=matched),
-                    revision=entry.revision,
-                )
-            except RucherError as err:
-                if err.code is ErrorCode.CONFLICT:
-                    continue
-                raise
-            return True
-        return False
-
-    def list_tfa(self, query: TfaListQuery) -> TfaList:
-        """Second factors of one user or of all."""
-        users = self.ctx.view.state.users.values()
-        entries = [
-            TfaEntryInfo(
-                userid=user.userid,
-                id=factor.id,
-                description=factor.description,
-                created=factor.created,
-                enable=factor.enable,
-            )
-            for user in sorted(users, key=lambda u: u.userid)
-            if query.userid in (None, user.userid)
-            for factor in user.totp
-        ]
-        return TfaList(entries=tuple(entries))
-
     # Shared ---------------------------------------------------------------------------------
 
     async def drop_acl(self, matches: Callable[[AclRecord], bool], actor: str) -> None:
@@ -576,9 +438,10 @@ class Accounts:
         )
         await self.ctx.audit.emit(ACL_CHANGED, event)
 
-    async def _user_changed(
+    async def user_changed(
         self, userid: str, kind: ChangeKind, actor: str, fields: tuple[str, ...]
     ) -> None:
+        """Record a change to a user (secrets' fields are not named)."""
         event = UserChanged(
             userid=userid,
             change=kind,

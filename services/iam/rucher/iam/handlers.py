@@ -14,7 +14,8 @@ from rucher.proto.base import RpcSubject
 
 def routes(service: IamService) -> list[tuple[RpcSubject[Any, Any], Callable[[Any], Any]]]:
     """Every ``rpc.iam.*`` subject with the operation answering it."""
-    accounts, access, auth = service.accounts, service.access, service.auth
+    accounts, factors = service.accounts, service.factors
+    access, auth = service.access, service.auth
     return [
         (iam.LOGIN, auth.login),
         (iam.OPENID_AUTH_URL, auth.openid_auth_url),
@@ -32,11 +33,11 @@ def routes(service: IamService) -> list[tuple[RpcSubject[Any, Any], Callable[[An
         (iam.TOKEN_UPDATE, accounts.update_token),
         (iam.TOKEN_DELETE, accounts.delete_token),
         (iam.TOKEN_LIST, accounts.list_tokens),
-        (iam.TFA_ADD, accounts.add_tfa),
-        (iam.TFA_DELETE, accounts.delete_tfa),
-        (iam.TFA_UPDATE, accounts.update_tfa),
-        (iam.TFA_VERIFY, accounts.verify_tfa),
-        (iam.TFA_LIST, accounts.list_tfa),
+        (iam.TFA_ADD, factors.add_tfa),
+        (iam.TFA_DELETE, factors.delete_tfa),
+        (iam.TFA_UPDATE, factors.update_tfa),
+        (iam.TFA_VERIFY, factors.verify_tfa),
+        (iam.TFA_LIST, factors.list_tfa),
         (iam.ROLE_CREATE, access.create_role),
         (iam.ROLE_UPDATE, access.update_role),
         (iam.ROLE_DELETE, access.delete_role),

@@ -20,10 +20,10 @@ import msgspec
 import structlog
 
 from rucher.bus import RucherError
-from rucher.iam.accounts import Accounts
 from rucher.iam.context import Context, invalid
 from rucher.iam.realms.interface import PasswordRealm
 from rucher.iam.realms.openid import OpenIdProvider, Pkce, groups_of, username_of
+from rucher.iam.tfa import SecondFactors
 from rucher.proto.errors import ErrorCode
 from rucher.proto.iam import (
     LOGIN_FAILED,
@@ -87,12 +87,12 @@ class Authenticator:
     def __init__(
         self,
         context: Context,
-        accounts: Accounts,
+        factors: SecondFactors,
         realms: dict[RealmType, PasswordRealm],
         providers: ProviderFactory,
     ) -> None:
         self.ctx = context
-        self.accounts = accounts
+        self.factors = factors
         self.realms = realms
         self.providers = providers
 
@@ -156,7 +156,7 @@ class Authenticator:
                     raise RucherError(ErrorCode.UNAVAILABLE, "ticket keys are not ready yet")
                 challenge = make_tfa_challenge(current.current, userid, time.time())
                 return LoginGranted(username=userid, ticket=challenge, need_tfa=True)
-            if not await self.accounts.consume_totp(userid, command.otp.removeprefix("totp:")):
+            if not await self.factors.consume_totp(userid, command.otp.removeprefix("totp:")):
                 raise LoginRefusedError(LoginFailure.SECOND_FACTOR, realm.realm)
             return await self._grant(userid, AuthMethod.PASSWORD, command.source, True)
         return await self._grant(userid, AuthMethod.PASSWORD, command.source, False)
@@ -172,7 +172,7 @@ class Authenticator:
             raise LoginRefusedError(LoginFailure.SECOND_FACTOR)
         await self._user(userid)
         kind, _, code = command.password.rpartition(":")
-        if kind not in ("", "totp") or not await self.accounts.consume_totp(userid, code):
+        if kind not in ("", "totp") or not await self.factors.consume_totp(userid, code):
             raise LoginRefusedError(LoginFailure.SECOND_FACTOR)
         return await self._grant(userid, AuthMethod.PASSWORD, command.source, True)
 

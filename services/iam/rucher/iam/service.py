@@ -1,4 +1,4 @@
-"""The IAM service's domain logic, composed: accounts, access control, and logins."""
+"""The IAM service's domain logic, composed: accounts, second factors, access control, logins."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from rucher.iam.accounts import Accounts
 from rucher.iam.context import Context
 from rucher.iam.login import Authenticator, ProviderFactory
 from rucher.iam.realms.interface import PasswordRealm
+from rucher.iam.tfa import SecondFactors
 from rucher.proto.iam_state import RealmType
 
 
@@ -21,5 +22,6 @@ class IamService:
     ) -> None:
         self.context = context
         self.accounts = Accounts(context, realms)
+        self.factors = SecondFactors(context, self.accounts)
         self.access = Access(context, self.accounts)
-        self.auth = Authenticator(context, self.accounts, realms, providers)
+        self.auth = Authenticator(context, self.factors, realms, providers)
