@@ -103,7 +103,8 @@ async def wait_serving(bus: Bus, count: int, timeout: float = 30.0) -> None:
         inbox = bus.nc.new_inbox()
 
         async def collect(msg: Msg, answers: set[bytes] = answers) -> None:
-            answers.add(msg.data)
+            if msg.data:  # "no responders" comes back as an empty status message
+                answers.add(msg.data)
 
         subscription = await bus.nc.subscribe(inbox, cb=collect)
         await bus.nc.publish("$SRV.PING.scheduler", b"", reply=inbox)

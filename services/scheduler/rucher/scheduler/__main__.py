@@ -22,10 +22,12 @@ async def setup(context: ServiceContext) -> None:
     settings = SchedulerSettings.from_env(context.settings)
     bus = context.bus
     candidate = instance_key(context.instance)
+    events = BusEvents(bus)
+    context.on_stop(events.drain)
     service = SchedulerService(
         ClusterView(cpu_overcommit=settings.cpu_overcommit),
         KvClaimStore(bus),
-        BusEvents(bus),
+        events,
         settings,
         scheduler=candidate,
         clock=time.time,

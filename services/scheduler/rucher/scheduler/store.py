@@ -87,6 +87,11 @@ class BusEvents:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait (a while) for the events still being published, before the bus closes."""
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=timeout)
+
     def claim_created(self, claim: Claim) -> None:
         """A claim was committed."""
         event = ClaimCreated(event_id=new_id(), node=self.bus.node, time=time.time(), claim=claim)
