@@ -18,6 +18,23 @@ class DomainInfo:
     max_memory: int = 0
     vcpus: int = 0
     cpu_time_ns: int = 0
+    pid: int | None = None
+    uptime: float = 0.0
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """The host under the hypervisor: CPUs, memory and load, for capacity and admission."""
+
+    arch: str
+    cpu_model: str
+    cpus: int
+    sockets: int
+    memory_total: int
+    memory_used: int
+    cpu_flags: tuple[str, ...] = ()
+    loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    uptime: float = 0.0
 
 
 class Hypervisor(Protocol):
@@ -57,3 +74,9 @@ class Hypervisor(Protocol):
 
     async def domains(self) -> list[DomainInfo]:
         """Every domain defined or running on this node."""
+
+    async def node(self) -> NodeFacts:
+        """The host's CPUs, memory and load now."""
+
+    async def bridges(self) -> frozenset[str]:
+        """Names of the Linux bridges a guest NIC may join."""

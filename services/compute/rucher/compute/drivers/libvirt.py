@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import platform
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -11,18 +14,43 @@ from typing import Any, TypeVar
 import libvirt  # type: ignore[import-untyped]
 
 from rucher.bus import RucherError
-from rucher.compute.drivers.interface import DomainInfo
+from rucher.compute.drivers.interface import DomainInfo, NodeFacts
 from rucher.proto.common import PowerState
 from rucher.proto.errors import ErrorCode
 
 T = TypeVar("T")
 
+QEMU_PIDS = Path("/run/libvirt/qemu")
+SYS_NET = Path("/sys/class/net")
 STATES = {
     libvirt.VIR_DOMAIN_RUNNING: PowerState.RUNNING,
     libvirt.VIR_DOMAIN_BLOCKED: PowerState.RUNNING,
     libvirt.VIR_DOMAIN_PAUSED: PowerState.PAUSED,
     libvirt.VIR_DOMAIN_PMSUSPENDED: PowerState.SUSPENDED,
 }
+
+
+def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return tuple(sorted(set(line.split(":", 1)[1].split())))
+    return ()
+
+
+def _process_uptime(pid: int) -> float:
+    """Seconds since process ``pid`` started, from /proc (field 22 of stat, in clock ticks)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    boot_uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return max(0.0, boot_uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def _meminfo() -> dict[str, int]:
+    fields = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        fields[name] = int(rest.split()[0]) * 1024
+    return fields
 
 
 def kvm_usable(cpuinfo: Path = Path("/proc/cpuinfo"), device: Path = Path("/dev/kvm")) -> bool:
@@ -126,13 +154,24 @@ class LibvirtHypervisor:
 
     def _info(self, domain: Any) -> DomainInfo:
         state, max_kib, kib, vcpus, cpu_time = domain.info()
+        name = domain.name()
+        pid: int | None = None
+        uptime = 0.0
+        if state in STATES:
+            try:
+                pid = int((QEMU_PIDS / f"{name}.pid").read_text().strip())
+                uptime = _process_uptime(pid)
+            except (OSError, ValueError, IndexError):
+                pid = None  # a remote or session URI: no pid file here
         return DomainInfo(
-            name=domain.name(),
+            name=name,
             state=STATES.get(state, PowerState.STOPPED),
             memory=kib * 1024 if state in STATES else 0,
             max_memory=max_kib * 1024,
             vcpus=vcpus,
             cpu_time_ns=cpu_time,
+            pid=pid,
+            uptime=uptime,
         )
 
     async def info(self, name: str) -> DomainInfo | None:
@@ -149,3 +188,44 @@ class LibvirtHypervisor:
         return await self._call(
             lambda: [self._info(domain) for domain in self._conn().listAllDomains()]
         )
+
+    async def node(self) -> NodeFacts:
+        """The node info of libvirt (CPUs, sockets) with /proc's memory use, flags and load."""
+
+        def work() -> NodeFacts:
+            model, _memory_mib, cpus, _mhz, numa_nodes, sockets, _cores, _threads = (
+                self._conn().getInfo()
+            )
+            memory = _meminfo()
+            total = memory.get("MemTotal", 0)
+            load = os.getloadavg()
+            return NodeFacts(
+                arch=platform.machine() or str(model),
+                cpu_model=_cpu_model() or str(model),
+                cpus=int(cpus),
+                sockets=max(1, int(sockets) * int(numa_nodes)),
+                memory_total=total,
+                memory_used=max(0, total - memory.get("MemAvailable", total)),
+                cpu_flags=_cpu_flags(),
+                loadavg=(load[0], load[1], load[2]),
+                uptime=time.clock_gettime(time.CLOCK_BOOTTIME),
+            )
+
+        return await self._call(work)
+
+    async def bridges(self) -> frozenset[str]:
+        """Linux bridges of this host (interfaces with a ``bridge`` folder in sysfs)."""
+
+        def work() -> frozenset[str]:
+            if not SYS_NET.is_dir():
+                return frozenset()
+            return frozenset(path.name for path in SYS_NET.iterdir() if (path / "bridge").is_dir())
+
+        return await asyncio.to_thread(work)
+
+
+def _cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return ""

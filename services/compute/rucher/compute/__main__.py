@@ -1,0 +1,78 @@
+"""The compute agent's composition root: settings, libvirt driver, service, reconcile, serve."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+
+from rucher.bus import Bus, RucherError
+from rucher.compute.config import ComputeSettings
+from rucher.compute.domain_xml import HostFacts
+from rucher.compute.drivers.libvirt import LibvirtHypervisor, kvm_usable
+from rucher.compute.handlers import serve
+from rucher.compute.reconcile import reconcile
+from rucher.compute.service import ComputeService
+from rucher.guests import GuestRegistry
+from rucher.proto.base import Subject
+from rucher.service import ServiceContext, main
+
+log = structlog.get_logger("rucher.compute")
+
+
+class BusEvents:
+    """Publishes this node's events; a lost one is logged (documents and tasks are the truth)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def emit(self, subject: Subject[Any], event: Any) -> None:
+        """Publish ``event`` on ``subject`` for this node."""
+        try:
+            await self.bus.publish(subject.to(node=self.bus.node), event)
+        except RucherError as err:
+            log.warning("event_not_published", subject=subject.pattern, error=err.message)
+
+
+async def setup(context: ServiceContext) -> None:
+    """Connect libvirt, reconcile, publish capacity, then answer this node's compute subjects."""
+    settings = ComputeSettings.from_env(context.settings)
+    await asyncio.to_thread(settings.console_dir.mkdir, parents=True, exist_ok=True)
+    kvm = await asyncio.to_thread(kvm_usable)
+    hypervisor = LibvirtHypervisor(settings.libvirt_uri, kvm=kvm)
+    service = ComputeService(
+        hypervisor,
+        GuestRegistry(context.bus),
+        context.tasks,
+        BusEvents(context.bus),
+        node=context.settings.node,
+        facts=HostFacts(kvm=kvm, console_dir=str(settings.console_dir)),
+        shutdown_timeout=settings.shutdown_timeout,
+    )
+    drift = await reconcile(service)
+    log.info("reconciled", uri=settings.libvirt_uri, kvm=kvm, drift=len(drift))
+    await service.publish_capacity()
+
+    async def publish_capacity() -> None:
+        while True:
+            await asyncio.sleep(settings.capacity_interval)
+            try:
+                await service.publish_capacity()
+            except RucherError as err:
+                log.warning("capacity_not_published", error=err.message)
+
+    publisher = asyncio.create_task(publish_capacity(), name="compute-capacity")
+
+    async def stop_publisher() -> None:
+        publisher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publisher
+
+    context.on_stop(stop_publisher)
+    await serve(context.bus, service)
+
+
+if __name__ == "__main__":
+    main("compute", setup)

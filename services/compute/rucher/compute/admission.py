@@ -1,0 +1,110 @@
+"""Check a guest config against the schema and this node before anything is created."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from typing import Any
+
+from rucher.bus import RucherError
+from rucher.compute.domain_xml import (
+    DISK_KEY,
+    NET_KEY,
+    DomainConfigError,
+    DomainSpec,
+    HostFacts,
+    domain_xml,
+    parse_disk,
+    parse_net,
+)
+from rucher.compute.drivers.interface import NodeFacts
+from rucher.proto.errors import ErrorCode
+
+# ``STORAGE:SIZE`` (GiB) asks for a new disk; anything else with a colon names a volume.
+NEW_DISK = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*:\d+(\.\d+)?$")
+PROXMOX_OUI = "BC:24:11"
+NET_MODEL_KEYS = ("model", "macaddr")
+
+
+def invalid(field: str, message: str) -> RucherError:
+    """A bad parameter, naming it the way Proxmox's ``errors`` object does."""
+    return RucherError(ErrorCode.INVALID, message, details={"field": field})
+
+
+def disk_elements(config: Mapping[str, str]) -> dict[str, str]:
+    """``<disk>`` elements for the disks this node can attach without the storage service."""
+    mapped: dict[str, str] = {}
+    for key in (key for key in config if DISK_KEY.match(key)):
+        options = _disk_options(key, config[key])
+        path = str(options["file"])
+        if options.get("media") == "cdrom" and path in {"none", "cdrom"}:
+            continue
+        if path.startswith("/"):
+            kind = "block" if path.startswith("/dev/") else "file"
+            disk = ET.Element("disk", type=kind)
+            ET.SubElement(disk, "source", {"dev" if kind == "block" else "file": path})
+            mapped[key] = ET.tostring(disk, encoding="unicode")
+            continue
+        what = "allocating a new disk" if NEW_DISK.match(path) else f"volume '{path}'"
+        raise RucherError(
+            ErrorCode.UNSUPPORTED,
+            f"{key}: {what} needs the storage service, which this cluster does not run yet",
+            details={"field": key},
+        )
+    return mapped
+
+
+def _disk_options(key: str, value: str) -> dict[str, Any]:
+    try:
+        return parse_disk(value, key)
+    except DomainConfigError as err:
+        raise invalid(err.field, err.message) from err
+
+
+def render(vmid: int, config: Mapping[str, str], facts: HostFacts) -> str:
+    """The domain XML of ``config``, or ``invalid`` naming the first key at fault."""
+    try:
+        return domain_xml(DomainSpec(vmid=vmid, config=config, disks=disk_elements(config)), facts)
+    except DomainConfigError as err:
+        raise invalid(err.field, f"{err.field}: {err.message}") from err
+
+
+def check_node(config: Mapping[str, str], node: NodeFacts, bridges: frozenset[str]) -> None:
+    """Refuse what this node cannot give: more vCPUs or memory than it has, unknown bridges."""
+    vcpus = int(config.get("sockets", "1") or 1) * int(config.get("cores", "1") or 1)
+    if vcpus > node.cpus:
+        raise invalid("cores", f"MAX {node.cpus} vcpus allowed per VM on this node")
+    raw_memory = config.get("memory", "512") or "512"
+    memory = int(raw_memory.split(",")[0].removeprefix("current="))
+    if memory << 20 > node.memory_total:
+        total = node.memory_total >> 20
+        raise invalid("memory", f"memory {memory} MiB is more than this node has ({total} MiB)")
+    for key in (key for key in config if NET_KEY.match(key)):
+        bridge = parse_net(config[key], key).get("bridge")
+        if bridge is not None and str(bridge) not in bridges:
+            raise invalid(key, f"bridge '{bridge}' does not exist")
+
+
+def with_macs(config: Mapping[str, str]) -> dict[str, str]:
+    """The config with a MAC address on every NIC that has none, as Proxmox stores it."""
+    result = dict(config)
+    for key in (key for key in config if NET_KEY.match(key)):
+        options = parse_net(config[key], key)
+        if "macaddr" in options:
+            continue
+        mac = ":".join([PROXMOX_OUI, *(f"{byte:02X}" for byte in secrets.token_bytes(3))])
+        rest = "".join(
+            f",{name}={_text(value)}"
+            for name, value in options.items()
+            if name not in NET_MODEL_KEYS
+        )
+        result[key] = f"{options.get('model', 'virtio')}={mac}{rest}"
+    return result
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)

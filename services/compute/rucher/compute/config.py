@@ -1,0 +1,49 @@
+"""The compute agent's settings, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from rucher.service import Settings, SettingsError
+
+DEFAULT_URI = "qemu:///system"
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    """What the compute agent reads beyond every service's ``RUCHER_*`` settings."""
+
+    base: Settings
+    libvirt_uri: str
+    console_dir: Path
+    shutdown_timeout: float
+    capacity_interval: float
+
+    @classmethod
+    def from_env(cls, base: Settings, environ: Mapping[str, str] = os.environ) -> ComputeSettings:
+        """Read the settings, naming the variable at fault when one is wrong."""
+
+        def number(name: str, default: float) -> float:
+            raw = environ.get(name, "")
+            if raw == "":
+                return default
+            try:
+                value = float(raw)
+            except ValueError as err:
+                raise SettingsError(f"{name}={raw!r} is not a number") from err
+            if value <= 0:
+                raise SettingsError(f"{name}={raw!r} must be positive")
+            return value
+
+        console = environ.get("RUCHER_COMPUTE_CONSOLE_DIR") or str(base.state_dir / "console")
+        return cls(
+            base=base,
+            libvirt_uri=environ.get("RUCHER_LIBVIRT_URI") or DEFAULT_URI,
+            # libvirt's virtlogd opens the console logs: the folder must be absolute.
+            console_dir=Path(console).absolute(),
+            shutdown_timeout=number("RUCHER_COMPUTE_SHUTDOWN_TIMEOUT", 180.0),
+            capacity_interval=number("RUCHER_COMPUTE_CAPACITY_INTERVAL", 30.0),
+        )

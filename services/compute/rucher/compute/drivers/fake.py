@@ -1,0 +1,141 @@
+"""An in-memory hypervisor for unit tests of the service's logic (never a driver's only test)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from rucher.bus import RucherError
+from rucher.compute.drivers.interface import DomainInfo, NodeFacts
+from rucher.proto.common import PowerState
+from rucher.proto.errors import ErrorCode
+
+_NAME = re.compile(r"<name>([^<]+)</name>")
+_MEMORY = re.compile(r"<memory unit=\"MiB\">(\d+)</memory>")
+
+
+@dataclass
+class FakeDomain:
+    """One defined domain: its XML and run state."""
+
+    xml: str
+    state: PowerState = PowerState.STOPPED
+
+
+@dataclass
+class FakeHypervisor:
+    """Domains in a dict; ``refuse_define`` makes the next defines fail as libvirt would."""
+
+    kvm: bool = False
+    facts: NodeFacts = field(
+        default_factory=lambda: NodeFacts(
+            arch="x86_64",
+            cpu_model="Fake CPU",
+            cpus=4,
+            sockets=1,
+            memory_total=8 << 30,
+            memory_used=1 << 30,
+        )
+    )
+    host_bridges: frozenset[str] = frozenset({"vmbr0"})
+    domains_by_name: dict[str, FakeDomain] = field(default_factory=dict)
+    refuse_define: str | None = None
+    ignore_shutdown: bool = False
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    def _get(self, name: str) -> FakeDomain:
+        domain = self.domains_by_name.get(name)
+        if domain is None:
+            raise RucherError(ErrorCode.NOT_FOUND, f"domain {name} is not defined on this node")
+        return domain
+
+    def _running(self, name: str) -> FakeDomain:
+        domain = self._get(name)
+        if domain.state is PowerState.STOPPED:
+            raise RucherError(ErrorCode.INTERNAL, "libvirt: domain is not running")
+        return domain
+
+    async def define(self, xml: str) -> None:
+        """Keep the XML, unless told to refuse it."""
+        found = _NAME.search(xml)
+        if found is None or self.refuse_define:
+            raise RucherError(ErrorCode.INTERNAL, f"libvirt: {self.refuse_define or 'no name'}")
+        self.calls.append(("define", found[1]))
+        existing = self.domains_by_name.get(found[1])
+        state = existing.state if existing else PowerState.STOPPED
+        self.domains_by_name[found[1]] = FakeDomain(xml=xml, state=state)
+
+    async def undefine(self, name: str) -> None:
+        """Forget a domain."""
+        self.calls.append(("undefine", name))
+        self.domains_by_name.pop(name, None)
+
+    async def start(self, name: str) -> None:
+        """Mark running."""
+        domain = self._get(name)
+        if domain.state is not PowerState.STOPPED:
+            raise RucherError(ErrorCode.INTERNAL, "libvirt: domain is already running")
+        self.calls.append(("start", name))
+        domain.state = PowerState.RUNNING
+
+    async def stop(self, name: str) -> None:
+        """Mark stopped."""
+        self.calls.append(("stop", name))
+        self._get(name).state = PowerState.STOPPED
+
+    async def shutdown(self, name: str) -> None:
+        """Power off at once, unless the guest ignores ACPI."""
+        domain = self._running(name)
+        self.calls.append(("shutdown", name))
+        if not self.ignore_shutdown:
+            domain.state = PowerState.STOPPED
+
+    async def reboot(self, name: str) -> None:
+        """Nothing visible changes."""
+        self._running(name)
+        self.calls.append(("reboot", name))
+
+    async def reset(self, name: str) -> None:
+        """Nothing visible changes."""
+        self._running(name)
+        self.calls.append(("reset", name))
+
+    async def suspend(self, name: str) -> None:
+        """Mark paused."""
+        self._running(name).state = PowerState.PAUSED
+        self.calls.append(("suspend", name))
+
+    async def resume(self, name: str) -> None:
+        """Mark running again."""
+        self._running(name).state = PowerState.RUNNING
+        self.calls.append(("resume", name))
+
+    def _info(self, name: str, domain: FakeDomain) -> DomainInfo:
+        found = _MEMORY.search(domain.xml)
+        memory = int(found[1]) << 20 if found else 0
+        active = domain.state is not PowerState.STOPPED
+        return DomainInfo(
+            name=name,
+            state=domain.state,
+            memory=memory if active else 0,
+            max_memory=memory,
+            vcpus=1,
+            uptime=1.0 if active else 0.0,
+        )
+
+    async def info(self, name: str) -> DomainInfo | None:
+        """The domain's state, or None."""
+        domain = self.domains_by_name.get(name)
+        return None if domain is None else self._info(name, domain)
+
+    async def domains(self) -> list[DomainInfo]:
+        """Every domain."""
+        return [self._info(name, domain) for name, domain in self.domains_by_name.items()]
+
+    async def node(self) -> NodeFacts:
+        """The configured facts."""
+        return self.facts
+
+    async def bridges(self) -> frozenset[str]:
+        """The configured bridges."""
+        return self.host_bridges

@@ -1,0 +1,79 @@
+"""Reconciliation at start: libvirt's domains against this node's guest documents."""
+
+from __future__ import annotations
+
+import structlog
+
+from rucher.bus import RucherError
+from rucher.compute.domain_xml import domain_name
+from rucher.compute.service import ComputeService, vmids
+from rucher.proto import compute
+from rucher.proto.common import PowerState
+from rucher.proto.compute import DriftKind
+from rucher.proto.errors import ErrorCode
+from rucher.proto.guest import GuestLock, GuestType
+
+log = structlog.get_logger("rucher.compute.reconcile")
+
+
+async def reconcile(service: ComputeService) -> list[compute.VmDriftDetected]:
+    """Adopt or remove what differs so no domain is left without a document, and report it.
+
+    A Rucher domain whose guest is unknown or owned by another node is a leftover of an
+    interrupted create, destroy or migration: it is stopped and undefined. A document of this
+    node without a domain gets its domain defined again from the config; one still locked
+    ``create`` without a domain is an interrupted create and is removed. Every guest's state is
+    published so the cluster's view starts right.
+    """
+    hypervisor, guests = service.hypervisor, service.guests
+    domains = vmids(await hypervisor.domains())
+    records = {
+        record.vmid: record
+        for record in await guests.list(node=service.node, guest_type=GuestType.QEMU)
+    }
+    found: list[compute.VmDriftDetected] = []
+
+    async def report(kind: DriftKind, vmid: int, detail: str) -> None:
+        event = compute.VmDriftDetected(
+            **service.event_fields(), kind=kind, vmid=vmid, domain=domain_name(vmid), detail=detail
+        )
+        found.append(event)
+        log.warning("guest_drift", kind=kind, vmid=vmid, detail=detail)
+        await service.events.emit(compute.GUEST_DRIFT_DETECTED, event)
+
+    for vmid, info in sorted(domains.items()):
+        if vmid in records:
+            continue
+        owner = await _owner(service, vmid)
+        await hypervisor.stop(info.name)
+        await hypervisor.undefine(info.name)
+        where = f"owned by node {owner}" if owner else "unknown to the guest registry"
+        await report(DriftKind.UNKNOWN_DOMAIN, vmid, f"domain {where}: stopped and undefined")
+    for vmid, record in sorted(records.items()):
+        if vmid in domains:
+            if record.lock is GuestLock.CREATE:
+                await guests.clear_lock(vmid, GuestLock.CREATE)
+                await report(DriftKind.ADOPTED, vmid, "interrupted create finished: lock cleared")
+            await service.state_changed(vmid, domains[vmid].state, None, None)
+            continue
+        if record.lock is GuestLock.CREATE:
+            await guests.remove(vmid, lock_held=GuestLock.CREATE)
+            await report(DriftKind.MISSING_DOMAIN, vmid, "interrupted create undone")
+            continue
+        try:
+            await service.define(record)
+        except RucherError as err:
+            await report(DriftKind.MISSING_DOMAIN, vmid, f"cannot define domain: {err.message}")
+            continue
+        await report(DriftKind.ADOPTED, vmid, "domain was missing: defined from the config")
+        await service.state_changed(vmid, PowerState.STOPPED, None, None)
+    return found
+
+
+async def _owner(service: ComputeService, vmid: int) -> str | None:
+    try:
+        return (await service.guests.get(vmid)).node
+    except RucherError as err:
+        if err.code is ErrorCode.NOT_FOUND:
+            return None
+        raise

@@ -1,0 +1,498 @@
+"""The compute agent's domain logic: Proxmox's ``qm`` lifecycle over the Hypervisor Protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from rucher.bus import RucherError
+from rucher.bus.client import new_id
+from rucher.compute import admission
+from rucher.compute.domain_xml import HostFacts, domain_name, vmid_of
+from rucher.compute.drivers.interface import DomainInfo, Hypervisor
+from rucher.proto import compute
+from rucher.proto.base import Subject
+from rucher.proto.cluster import (
+    NODE_CAPACITY_PUBLISHED,
+    CapacityPublished,
+    CpuArch,
+    NodeCapacity,
+)
+from rucher.proto.common import GuestCommand, PowerState
+from rucher.proto.errors import ErrorCode
+from rucher.proto.guest import GuestLock, GuestRecord, GuestType
+from rucher.proto.task import TaskAccepted
+
+log = structlog.get_logger("rucher.compute")
+
+POLL = 0.25
+
+
+class TaskLog(Protocol):
+    """A running task as its body sees it: its UPID and its log."""
+
+    upid: str
+
+    async def log(self, text: str) -> None:
+        """Append one line."""
+
+
+TaskBody = Callable[[TaskLog], Awaitable[None]]
+
+
+class TaskSubmitter(Protocol):
+    """Runs bodies as Proxmox tasks (``rucher.tasks.TaskRunner``)."""
+
+    async def submit(
+        self,
+        *,
+        task_type: str,
+        task_id: str,
+        user: str,
+        body: TaskBody,
+        command_id: str | None = None,
+    ) -> str:
+        """Start ``body`` and return its UPID."""
+
+
+class GuestStore(Protocol):
+    """The cluster's guest documents (``rucher.guests.GuestRegistry``)."""
+
+    async def get(self, vmid: int) -> GuestRecord:
+        """One document, or ``not_found``."""
+
+    async def list(
+        self, *, node: str | None = None, guest_type: GuestType | None = None
+    ) -> list[GuestRecord]:
+        """Documents, filtered."""
+
+    async def register(
+        self,
+        *,
+        guest_type: GuestType,
+        node: str,
+        config: Mapping[str, str],
+        vmid: int | None = None,
+        lock: GuestLock | None = GuestLock.CREATE,
+    ) -> GuestRecord:
+        """Take ``vmid`` and write its first document."""
+
+    async def update(
+        self,
+        vmid: int,
+        *,
+        changes: Mapping[str, str] | None = None,
+        delete: Iterable[str] = (),
+        digest: str | None = None,
+        lock_held: GuestLock | None = None,
+    ) -> GuestRecord:
+        """Change config keys."""
+
+    async def clear_lock(self, vmid: int, lock: GuestLock) -> GuestRecord:
+        """Release a lock."""
+
+    async def remove(
+        self, vmid: int, *, digest: str | None = None, lock_held: GuestLock | None = None
+    ) -> None:
+        """Delete a document."""
+
+
+class EventSink(Protocol):
+    """Publishes this node's events (failures are logged, never raised)."""
+
+    async def emit(self, subject: Subject[Any], event: Any) -> None:
+        """Publish ``event`` on ``subject`` for this node."""
+
+
+@dataclass
+class Sample:
+    """The last CPU-time reading of a domain, to turn cumulative time into a share."""
+
+    at: float
+    cpu_time_ns: int
+
+
+class ComputeService:
+    """One node's virtual machines: admission, lifecycle tasks, status and reconciliation."""
+
+    def __init__(
+        self,
+        hypervisor: Hypervisor,
+        guests: GuestStore,
+        tasks: TaskSubmitter,
+        events: EventSink,
+        *,
+        node: str,
+        facts: HostFacts,
+        shutdown_timeout: float = 180.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.hypervisor = hypervisor
+        self.guests = guests
+        self.tasks = tasks
+        self.events = events
+        self.node = node
+        self.facts = facts
+        self.shutdown_timeout = shutdown_timeout
+        self.clock = clock
+        self._samples: dict[int, Sample] = {}
+
+    # Helpers ----------------------------------------------------------------------------
+
+    def event_fields(self) -> dict[str, Any]:
+        """The fields every event of this node carries."""
+        return {"event_id": new_id(), "node": self.node, "time": self.clock()}
+
+    async def _owned(self, vmid: int, *, skiplock: bool = False) -> GuestRecord:
+        record = await self.guests.get(vmid)
+        if record.node != self.node or record.type is not GuestType.QEMU:
+            raise RucherError(
+                ErrorCode.NOT_FOUND,
+                f"Configuration file 'nodes/{self.node}/qemu-server/{vmid}.conf' does not exist",
+            )
+        if record.lock is not None and not skiplock:
+            raise RucherError(
+                ErrorCode.LOCKED, f"VM is locked ({record.lock})", details={"lock": record.lock}
+            )
+        return record
+
+    async def _state(self, vmid: int) -> PowerState:
+        info = await self.hypervisor.info(domain_name(vmid))
+        return PowerState.STOPPED if info is None else info.state
+
+    async def state_changed(
+        self, vmid: int, state: PowerState, previous: PowerState | None, upid: str | None
+    ) -> None:
+        """Publish a guest's run-state change."""
+        event = compute.VmStateChanged(
+            **self.event_fields(), vmid=vmid, state=state, previous=previous, upid=upid
+        )
+        await self.events.emit(compute.GUEST_STATE_CHANGED, event)
+
+    async def _submit(
+        self, kind: str, command: GuestCommand, body: TaskBody
+    ) -> TaskAccepted:
+        upid = await self.tasks.submit(
+            task_type=kind,
+            task_id=str(command.vmid),
+            user=command.user,
+            body=body,
+            command_id=command.command_id,
+        )
+        return TaskAccepted(upid=upid)
+
+    async def define(self, record: GuestRecord) -> None:
+        """(Re)define a guest's domain from its current config."""
+        await self.hypervisor.define(admission.render(record.vmid, record.config, self.facts))
+
+    async def _wait_stopped(self, vmid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self._state(vmid) is PowerState.STOPPED:
+                return True
+            await asyncio.sleep(POLL)
+        return await self._state(vmid) is PowerState.STOPPED
+
+    # Create and destroy -----------------------------------------------------------------
+
+    async def create(self, command: compute.VmCreate) -> TaskAccepted:
+        """Check the config, take the VMID (locked ``create``), then define it in a task."""
+        config = dict(command.config)
+        xml = admission.render(command.vmid, config, self.facts)
+        admission.check_node(config, await self.hypervisor.node(), await self.hypervisor.bridges())
+        config = admission.with_macs(config)
+        try:
+            await self.guests.get(command.vmid)
+        except RucherError as err:
+            if err.code is not ErrorCode.NOT_FOUND:
+                raise
+        else:
+            raise admission.invalid("vmid", f"VM {command.vmid} already exists")
+        try:
+            await self.guests.register(
+                guest_type=GuestType.QEMU, node=self.node, config=config, vmid=command.vmid
+            )
+        except RucherError as taken:
+            if taken.code is ErrorCode.EXISTS:
+                raise admission.invalid("vmid", taken.message) from taken
+            raise
+        xml = admission.render(command.vmid, config, self.facts)
+
+        async def body(task: TaskLog) -> None:
+            name = domain_name(command.vmid)
+            undo: list[Callable[[], Awaitable[None]]] = [
+                lambda: self.guests.remove(command.vmid, lock_held=GuestLock.CREATE)
+            ]
+            done = False
+            try:
+                await task.log(f"defining VM {command.vmid} as libvirt domain {name}")
+                await self.hypervisor.define(xml)
+                undo.append(lambda: self.hypervisor.undefine(name))
+                await self.guests.clear_lock(command.vmid, GuestLock.CREATE)
+                created = compute.VmCreated(
+                    **self.event_fields(),
+                    vmid=command.vmid,
+                    name=config.get("name", ""),
+                    upid=task.upid,
+                )
+                await self.events.emit(compute.GUEST_CREATED, created)
+                await self.state_changed(command.vmid, PowerState.STOPPED, None, task.upid)
+                done = True
+            finally:
+                if not done:
+                    await task.log("create failed: removing what was made")
+                    await _undo(undo)
+            if command.start:
+                await task.log(f"starting VM {command.vmid}")
+                await self.hypervisor.start(name)
+                await self.state_changed(
+                    command.vmid, PowerState.RUNNING, PowerState.STOPPED, task.upid
+                )
+
+        try:
+            return await self._submit("qmcreate", command, body)
+        except BaseException:
+            await _undo([lambda: self.guests.remove(command.vmid, lock_held=GuestLock.CREATE)])
+            raise
+
+    async def destroy(self, command: compute.VmDestroy) -> TaskAccepted:
+        """Remove a stopped VM's domain and document (``purge`` has nothing more here yet)."""
+        await self._owned(command.vmid, skiplock=command.skiplock)
+        if await self._state(command.vmid) is not PowerState.STOPPED:
+            raise admission.invalid("vmid", f"VM {command.vmid} is running - destroy failed")
+
+        async def body(task: TaskLog) -> None:
+            await self.hypervisor.undefine(domain_name(command.vmid))
+            await task.log(f"undefined libvirt domain {domain_name(command.vmid)}")
+            held = None if not command.skiplock else (await self.guests.get(command.vmid)).lock
+            await self.guests.remove(command.vmid, lock_held=held)
+            self._samples.pop(command.vmid, None)
+            await self.events.emit(
+                compute.GUEST_DESTROYED,
+                compute.VmDestroyed(**self.event_fields(), vmid=command.vmid, upid=task.upid),
+            )
+
+        return await self._submit("qmdestroy", command, body)
+
+    async def update_config(self, command: compute.VmConfigUpdate) -> TaskAccepted:
+        """Check and write config changes; a stopped guest is redefined, a running one at start."""
+        record = await self._owned(command.vmid, skiplock=command.skiplock)
+        config = {**record.config, **command.config}
+        for key in command.delete:
+            config.pop(key, None)
+        admission.render(command.vmid, config, self.facts)
+        admission.check_node(config, await self.hypervisor.node(), await self.hypervisor.bridges())
+        changes = admission.with_macs(
+            {key: value for key, value in config.items() if key in command.config}
+        )
+
+        async def body(task: TaskLog) -> None:
+            updated = await self.guests.update(
+                command.vmid,
+                changes=changes,
+                delete=command.delete,
+                digest=command.digest,
+                lock_held=record.lock if command.skiplock else None,
+            )
+            if await self._state(command.vmid) is PowerState.STOPPED:
+                await self.define(updated)
+            else:
+                await task.log("the guest runs: the new config applies at its next start")
+
+        return await self._submit("qmconfig", command, body)
+
+    # Power ------------------------------------------------------------------------------
+
+    async def start(self, command: compute.VmStart) -> TaskAccepted:
+        """Redefine the domain from the current config (pending changes apply) and start it."""
+        await self._owned(command.vmid, skiplock=command.skiplock)
+        if await self._state(command.vmid) is not PowerState.STOPPED:
+            raise admission.invalid("vmid", f"VM {command.vmid} already running")
+
+        async def body(task: TaskLog) -> None:
+            record = await self.guests.get(command.vmid)
+            await self.define(record)
+            await self.hypervisor.start(domain_name(command.vmid))
+            await task.log(f"VM {command.vmid} started")
+            await self.state_changed(
+                command.vmid, PowerState.RUNNING, PowerState.STOPPED, task.upid
+            )
+
+        return await self._submit("qmstart", command, body)
+
+    async def _running(self, vmid: int, skiplock: bool) -> PowerState:
+        await self._owned(vmid, skiplock=skiplock)
+        state = await self._state(vmid)
+        if state is PowerState.STOPPED:
+            raise admission.invalid("vmid", f"VM {vmid} not running")
+        return state
+
+    async def stop(self, command: compute.VmStop) -> TaskAccepted:
+        """Pull the plug."""
+        previous = await self._running(command.vmid, command.skiplock)
+
+        async def body(task: TaskLog) -> None:
+            await self.hypervisor.stop(domain_name(command.vmid))
+            await self.state_changed(command.vmid, PowerState.STOPPED, previous, task.upid)
+
+        return await self._submit("qmstop", command, body)
+
+    async def shutdown(self, command: compute.VmShutdown) -> TaskAccepted:
+        """ACPI power button; after ``timeout``, stop it with ``force_stop`` or fail."""
+        previous = await self._running(command.vmid, command.skiplock)
+        timeout = self.shutdown_timeout if command.timeout is None else float(command.timeout)
+
+        async def body(task: TaskLog) -> None:
+            name = domain_name(command.vmid)
+            await self.hypervisor.shutdown(name)
+            if not await self._wait_stopped(command.vmid, timeout):
+                if not command.force_stop:
+                    raise RucherError(ErrorCode.TIMEOUT, "VM quit/powerdown failed - got timeout")
+                await task.log("VM still running - terminating now")
+                await self.hypervisor.stop(name)
+            await self.state_changed(command.vmid, PowerState.STOPPED, previous, task.upid)
+
+        return await self._submit("qmshutdown", command, body)
+
+    async def reboot(self, command: compute.VmReboot) -> TaskAccepted:
+        """Shut down (ACPI, waiting ``timeout``), then start again with the current config."""
+        previous = await self._running(command.vmid, False)
+        timeout = self.shutdown_timeout if command.timeout is None else float(command.timeout)
+
+        async def body(task: TaskLog) -> None:
+            name = domain_name(command.vmid)
+            await self.hypervisor.shutdown(name)
+            if not await self._wait_stopped(command.vmid, timeout):
+                raise RucherError(ErrorCode.TIMEOUT, "VM quit/powerdown failed - got timeout")
+            await self.state_changed(command.vmid, PowerState.STOPPED, previous, task.upid)
+            await self.define(await self.guests.get(command.vmid))
+            await self.hypervisor.start(name)
+            await self.state_changed(
+                command.vmid, PowerState.RUNNING, PowerState.STOPPED, task.upid
+            )
+
+        return await self._submit("qmreboot", command, body)
+
+    async def reset(self, command: compute.VmReset) -> TaskAccepted:
+        """Press the reset button."""
+        await self._running(command.vmid, command.skiplock)
+
+        async def body(task: TaskLog) -> None:
+            await self.hypervisor.reset(domain_name(command.vmid))
+
+        return await self._submit("qmreset", command, body)
+
+    async def suspend(self, command: compute.VmSuspend) -> TaskAccepted:
+        """Pause the vCPUs (hibernation to disk needs the storage service)."""
+        if command.todisk:
+            raise RucherError(
+                ErrorCode.UNSUPPORTED,
+                "suspend to disk needs the storage service, which this cluster does not run yet",
+                details={"field": "todisk"},
+            )
+        previous = await self._running(command.vmid, command.skiplock)
+
+        async def body(task: TaskLog) -> None:
+            await self.hypervisor.suspend(domain_name(command.vmid))
+            await self.state_changed(command.vmid, PowerState.PAUSED, previous, task.upid)
+
+        return await self._submit("qmsuspend", command, body)
+
+    async def resume(self, command: compute.VmResume) -> TaskAccepted:
+        """Resume paused vCPUs."""
+        previous = await self._running(command.vmid, command.skiplock)
+        if previous is not PowerState.PAUSED:
+            raise admission.invalid("vmid", f"VM {command.vmid} is not paused")
+
+        async def body(task: TaskLog) -> None:
+            await self.hypervisor.resume(domain_name(command.vmid))
+            await self.state_changed(command.vmid, PowerState.RUNNING, previous, task.upid)
+
+        return await self._submit("qmresume", command, body)
+
+    # Status and capacity ----------------------------------------------------------------
+
+    async def status(self, query: compute.VmStatusQuery) -> compute.VmStatusReport:
+        """``status/current`` from libvirt: state, uptime, CPU share, memory."""
+        record = await self._owned(query.vmid, skiplock=True)
+        info = await self.hypervisor.info(domain_name(query.vmid))
+        if info is None or info.state is PowerState.STOPPED:
+            self._samples.pop(query.vmid, None)
+            return self._report(record, info, 0.0)
+        return self._report(record, info, self._cpu_share(query.vmid, info))
+
+    def _cpu_share(self, vmid: int, info: DomainInfo) -> float:
+        now = time.monotonic()
+        last = self._samples.get(vmid)
+        self._samples[vmid] = Sample(at=now, cpu_time_ns=info.cpu_time_ns)
+        if last is None or now <= last.at or info.cpu_time_ns < last.cpu_time_ns:
+            return 0.0
+        used = (info.cpu_time_ns - last.cpu_time_ns) / 1e9
+        return max(0.0, used / ((now - last.at) * max(1, info.vcpus)))
+
+    def _report(
+        self, record: GuestRecord, info: DomainInfo | None, cpu: float
+    ) -> compute.VmStatusReport:
+        config = record.config
+        sockets = int(config.get("sockets", "1") or 1)
+        cores = int(config.get("cores", "1") or 1)
+        memory = int((config.get("memory", "512") or "512").split(",")[0].removeprefix("current="))
+        state = PowerState.STOPPED if info is None else info.state
+        return compute.VmStatusReport(
+            vmid=record.vmid,
+            status=state,
+            name=config.get("name", f"VM {record.vmid}"),
+            uptime=info.uptime if info else 0.0,
+            cpu=cpu,
+            cpus=sockets * cores,
+            mem=info.memory if info else 0,
+            maxmem=info.max_memory if info and info.max_memory else memory << 20,
+            pid=info.pid if info else None,
+            lock=record.lock,
+            template=config.get("template") == "1",
+            tags=tuple(tag for tag in config.get("tags", "").replace(",", ";").split(";") if tag),
+        )
+
+    async def capacity(self) -> NodeCapacity:
+        """This node's CPUs, memory and load, for the scheduler and ``/nodes/{node}/status``."""
+        facts = await self.hypervisor.node()
+        arch = CpuArch(facts.arch) if facts.arch in set(CpuArch) else CpuArch.X86_64
+        return NodeCapacity(
+            node=self.node,
+            arch=arch,
+            cpu_model=facts.cpu_model,
+            cpus=facts.cpus,
+            sockets=facts.sockets,
+            memory_total=facts.memory_total,
+            memory_used=facts.memory_used,
+            time=self.clock(),
+            cpu_flags=facts.cpu_flags,
+            cpu_usage=min(1.0, facts.loadavg[0] / facts.cpus),
+            loadavg=facts.loadavg,
+            uptime=facts.uptime,
+            kvm=self.hypervisor.kvm,
+        )
+
+    async def publish_capacity(self) -> None:
+        """Publish :meth:`capacity` as ``cluster.node.capacity_published``."""
+        event = CapacityPublished(**self.event_fields(), capacity=await self.capacity())
+        await self.events.emit(NODE_CAPACITY_PUBLISHED, event)
+
+
+async def _undo(steps: list[Callable[[], Awaitable[None]]]) -> None:
+    """Run undo steps newest first; one failing does not stop the others."""
+    for step in reversed(steps):
+        try:
+            await step()
+        except RucherError as err:
+            log.warning("undo_step_failed", error=err.message, code=err.code)
+
+
+def vmids(domains: Iterable[DomainInfo]) -> dict[int, DomainInfo]:
+    """Rucher's domains by VMID (others are not Rucher's to touch)."""
+    return {vmid: info for info in domains if (vmid := vmid_of(info.name)) is not None}
