@@ -9,8 +9,6 @@ import struct
 import subprocess
 from pathlib import Path
 
-from rucher.testing.ceph import CephCluster, keyring_text, new_key
-
 ROOT = Path(__file__).resolve().parents[2]
 UBUNTU = 'PRETTY_NAME="Ubuntu 22.04.4 LTS"\nVERSION_ID="22.04"\nID=ubuntu\n'
 
@@ -51,6 +49,8 @@ def test_ops_ceph_refuses_an_unknown_command():
 
 
 def test_a_new_key_has_the_cephx_secret_layout():
+    from rucher.testing.ceph import new_key  # the rbd tests load this module as a plugin
+
     raw = base64.b64decode(new_key())
 
     kind, _seconds, _nanos, length = struct.unpack("<HIIH", raw[:12])
@@ -59,12 +59,16 @@ def test_a_new_key_has_the_cephx_secret_layout():
 
 
 def test_a_keyring_section_names_the_entity_key_and_caps():
+    from rucher.testing.ceph import keyring_text
+
     text = keyring_text("client.admin", "KEY==", {"mon": "allow *"})
 
     assert text == '[client.admin]\n\tkey = KEY==\n\tcaps mon = "allow *"\n'
 
 
 def test_every_path_of_a_cluster_stays_inside_its_folder(tmp_path):
+    from rucher.testing.ceph import CephCluster
+
     cluster = CephCluster(tmp_path / "c", host="10.1.2.1", mon_port=3301, fsid="f")
     cluster.root.mkdir()
     cluster._write_conf()

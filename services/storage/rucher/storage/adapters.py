@@ -1,0 +1,307 @@
+"""The service's interfaces over NATS and HTTP.
+
+The ``storage`` and ``guests`` buckets, events, the ``uploads`` object store, downloads, and the
+replies of commands already applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import structlog
+
+from rucher.bus import KV, Bus, RucherError
+from rucher.bus.codec import decode, encode
+from rucher.bus.kv import Operation
+from rucher.proto.base import Address, RpcSubject
+from rucher.proto.bus import AppliedCommand
+from rucher.proto.errors import ErrorCode
+from rucher.proto.guest import GuestRecord, GuestType
+from rucher.proto.keys import decode_token, encode_token, make_key
+from rucher.proto.storage import StorageRecord
+from rucher.proto.streams import GUESTS, IDEMPOTENCY, STORAGE, UPLOADS
+from rucher.storage.ports import E, UploadInfo
+from rucher.storage.volnames import invalid
+
+log = structlog.get_logger("rucher.storage.adapters")
+
+T = TypeVar("T", bound=msgspec.Struct)
+R = TypeVar("R", bound=msgspec.Struct)
+
+CAS_ATTEMPTS = 5
+
+
+def _not_found(storage: str) -> RucherError:
+    return RucherError(
+        ErrorCode.NOT_FOUND, f"storage '{storage}' does not exist", details={"field": "storage"}
+    )
+
+
+class KvDefinitionBook:
+    """Definitions in the ``storage`` bucket, with a live cache kept current by a watch."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.kv: KV[StorageRecord] = KV(bus, STORAGE, StorageRecord)
+        self._cache: dict[str, StorageRecord] = {}
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Load every definition and follow changes."""
+        ready = asyncio.Event()
+
+        async def follow() -> None:
+            async with self.kv.watch() as updates:
+                async for entry in updates:
+                    if entry is None:
+                        ready.set()
+                        continue
+                    storage = decode_token(entry.key)
+                    if entry.operation is Operation.PUT and entry.value is not None:
+                        self._cache[storage] = entry.value
+                    else:
+                        self._cache.pop(storage, None)
+
+        self._watcher = asyncio.create_task(follow())
+        await ready.wait()
+
+    async def stop(self) -> None:
+        """Stop following changes."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+
+    async def get(self, storage: str) -> StorageRecord | None:
+        """From the cache; a miss asks the bucket (a definition made a moment ago elsewhere)."""
+        if storage in self._cache:
+            return self._cache[storage]
+        entry = await self.kv.get(encode_token(storage))
+        return entry.value if entry is not None else None
+
+    async def all(self) -> list[StorageRecord]:
+        """Every definition, by id."""
+        return [self._cache[storage] for storage in sorted(self._cache)]
+
+    async def create(self, record: StorageRecord) -> None:
+        """Create-if-absent."""
+        await self.kv.create(encode_token(record.definition.storage), record)
+        self._cache[record.definition.storage] = record
+
+    async def replace(
+        self, storage: str, change: Callable[[StorageRecord], StorageRecord]
+    ) -> StorageRecord:
+        """Compare-and-set on the revision read, re-reading after a concurrent change."""
+        key = encode_token(storage)
+        for attempt in range(CAS_ATTEMPTS):
+            entry = await self.kv.get(key)
+            if entry is None or entry.value is None:
+                raise _not_found(storage)
+            record = change(entry.value)
+            try:
+                await self.kv.update(key, record, revision=entry.revision)
+            except RucherError as err:
+                if err.code is not ErrorCode.CONFLICT or attempt == CAS_ATTEMPTS - 1:
+                    raise
+                continue
+            self._cache[storage] = record
+            return record
+        raise RucherError(ErrorCode.CONFLICT, f"storage '{storage}' keeps changing")
+
+    async def delete(self, storage: str) -> None:
+        """Remove the definition (compare-and-set on what was read)."""
+        key = encode_token(storage)
+        entry = await self.kv.get(key)
+        if entry is None:
+            raise _not_found(storage)
+        await self.kv.delete(key, revision=entry.revision)
+        self._cache.pop(storage, None)
+
+
+class KvGuestDirectory:
+    """Guests from the ``guests`` bucket."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.kv: KV[GuestRecord] = KV(bus, GUESTS, GuestRecord)
+
+    async def guests(self) -> dict[int, GuestType]:
+        """Every guest's VMID and type."""
+        return {
+            entry.value.vmid: entry.value.type
+            for entry in await self.kv.entries()
+            if entry.value is not None
+        }
+
+
+class BusEvents:
+    """Publishes events in the background; failures are logged, never raised to callers."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def emit(self, address: Address[E], event: E) -> None:
+        """Publish without delaying the caller's reply."""
+
+        async def publish() -> None:
+            try:
+                await self.bus.publish(address, event)
+            except (RucherError, nats.errors.Error, nats.js.errors.Error) as err:
+                log.warning("event_not_published", subject=address.subject, error=repr(err))
+
+        task = asyncio.create_task(publish())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def drain(self) -> None:
+        """Wait for events still being published."""
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=5.0)
+
+
+class ObjectUploads:
+    """The ``uploads`` object store, read through an ordered consumer one chunk at a time."""
+
+    def __init__(self, bus: Bus, *, idle_timeout: float = 30.0) -> None:
+        self.bus = bus
+        self.idle_timeout = idle_timeout
+        self._nuids: dict[str, str] = {}
+
+    async def info(self, name: str) -> UploadInfo:
+        """Size and digest; an object whose upload never completed has no info."""
+        store = await self.bus.js.object_store(UPLOADS.name)
+        try:
+            info = await store.get_info(name)
+        except nats.js.errors.ObjectNotFoundError as err:
+            raise RucherError(
+                ErrorCode.NOT_FOUND,
+                f"upload '{name}' does not exist or never completed",
+                details={"field": "object"},
+            ) from err
+        digest = (info.digest or "").split("=", 1)[-1]
+        sha256 = base64.urlsafe_b64decode(digest + "=" * (-len(digest) % 4)) if digest else b""
+        self._nuids[name] = info.nuid
+        return UploadInfo(name=name, size=info.size or 0, sha256=sha256)
+
+    async def chunks(self, info: UploadInfo) -> AsyncIterator[bytes]:
+        """The stored chunks in order; ``invalid`` when they stop short of the object's size."""
+        if info.size == 0:
+            return
+        nuid = self._nuids.pop(info.name, None) or (await self._nuid(info.name))
+        subject = f"$O.{UPLOADS.name}.C.{nuid}"
+        sub = await self.bus.js.subscribe(subject, ordered_consumer=True)
+        received = 0
+        try:
+            if (await sub.consumer_info()).num_pending == 0:
+                raise _incomplete(info, received)
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=self.idle_timeout)
+                except nats.errors.TimeoutError as err:
+                    raise _incomplete(info, received) from err
+                received += len(msg.data)
+                yield msg.data
+                if msg.metadata.num_pending == 0:
+                    break
+        finally:
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                await sub.unsubscribe()
+        if received != info.size:
+            raise _incomplete(info, received)
+
+    async def _nuid(self, name: str) -> str:
+        store = await self.bus.js.object_store(UPLOADS.name)
+        return (await store.get_info(name)).nuid
+
+    async def delete(self, name: str) -> None:
+        """Remove the object and its chunks."""
+        store = await self.bus.js.object_store(UPLOADS.name)
+        try:
+            await store.delete(name)
+        except nats.js.errors.ObjectNotFoundError:
+            return
+
+
+def _incomplete(info: UploadInfo, received: int) -> RucherError:
+    return invalid(f"upload '{info.name}' is incomplete: {received} of {info.size} bytes", "object")
+
+
+class HttpFetcher:
+    """Downloads over HTTP(S) with httpx, following redirects."""
+
+    def __init__(self, *, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+
+    async def fetch(self, url: str, *, verify: bool) -> AsyncIterator[bytes]:
+        """The response body in chunks; a refused, failed or cut-off download is ``invalid``."""
+        import httpx  # only a download needs it: the idle service stays small
+
+        limits = httpx.Timeout(self.timeout, connect=10.0)
+        try:
+            async with (
+                httpx.AsyncClient(verify=verify, follow_redirects=True, timeout=limits) as client,
+                client.stream("GET", url) as response,
+            ):
+                if response.status_code >= 400:
+                    raise invalid(
+                        f"download of '{url}' failed: {response.status_code} "
+                        f"{response.reason_phrase}",
+                        "url",
+                    )
+                async for chunk in response.aiter_bytes():
+                    yield chunk
+        except httpx.HTTPError as err:
+            raise invalid(f"download of '{url}' failed: {err!r}", "url") from err
+
+
+class AppliedReplies:
+    """The reply given to each command id, so a retried command is not applied twice."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.kv: KV[AppliedCommand] = KV(bus, IDEMPOTENCY, AppliedCommand)
+        self.applier = "storage"
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def once(
+        self, subject: RpcSubject[T, R], operation: Callable[[T], Awaitable[R]]
+    ) -> Callable[[T, dict[str, str]], Awaitable[R]]:
+        """A handler answering a repeated ``command_id`` with the first reply, not a rerun."""
+
+        async def handle(message: T, _headers: dict[str, str]) -> R:
+            command_id = getattr(message, "command_id", None)
+            if command_id is None:
+                return await operation(message)
+            known = await self.known(command_id)
+            if known is not None:
+                return decode(known, subject.reply)
+            reply = await operation(message)
+            # Recorded after answering: a retry only comes after the caller's timeout.
+            task = asyncio.create_task(self.record(command_id, encode(reply)))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+            return reply
+
+        return handle
+
+    def _key(self, command_id: str) -> str:
+        return make_key(self.applier, command_id)
+
+    async def known(self, command_id: str) -> bytes | None:
+        """The encoded reply already given to ``command_id``, if any."""
+        entry = await self.kv.get(self._key(command_id))
+        return entry.value.reply if entry is not None and entry.value is not None else None
+
+    async def record(self, command_id: str, reply: bytes) -> None:
+        """Remember the reply (best effort: a lost record only weakens de-duplication)."""
+        record = AppliedCommand(applier=self.applier, time=time.time(), reply=reply)
+        try:
+            await self.kv.put(self._key(command_id), record)
+        except RucherError as err:
+            log.warning("applied_reply_not_recorded", command_id=command_id, error=err.message)
