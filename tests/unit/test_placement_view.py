@@ -319,3 +319,20 @@ def test_overcommitted_flags_a_node_holding_more_than_it_has():
     assert view.overcommitted("n1")
     view.set_reservations("n1", [held("d", 104, gpus=big)])
     assert not view.overcommitted("n1")
+
+
+def test_holds_looks_only_at_what_the_reservation_uses():
+    view = view_of("n1", memory=8 * GIB)
+    view.set_gpu_inventory(inventory("n1", gpu("0000:41:00.0"), gpu("0000:44:00.0", mig=True)))
+    whole = (GpuRequest(kind=GpuKind.PASSTHROUGH),)
+    view.reserve("n1", held("a", 101, gpus=whole))
+    view.reserve("n1", held("b", 102, gpus=whole))  # one GPU, two claims on it
+    view.reserve("n1", held("c", 103))
+    assert view.overcommitted("n1")
+    assert view.holds("n1", "c") and not view.holds("n1", "b")
+    mig = (GpuRequest(kind=GpuKind.MIG, mig_profile="7g.141gb"),)
+    view.reserve("n1", held("d", 104, gpus=mig))
+    view.reserve("n1", held("e", 105, gpus=mig))
+    assert view.holds("n1", "d") and not view.holds("n1", "e")
+    view.reserve("n1", held("f", 106, memory=8 * GIB))
+    assert not view.holds("n1", "c") and not view.holds("n1", "missing")

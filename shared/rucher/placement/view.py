@@ -76,7 +76,8 @@ class ClusterView:
         # Filters' cached "nodes that have X at all", keyed by what X is (see filters.base).
         self._ranked = True
         self._present_total = 0
-        self._gpu_short: dict[int, bool] = {}  # GPU claims a node could not hold (MIG, mostly)
+        # Reservations whose GPU requests a node could not hold (its inventory changed, mostly).
+        self._gpu_failed: dict[int, set[str]] = {}
         self.narrowing: dict[tuple[object, ...], tuple[int, NDArray[np.intp]]] = {}
         self._allocate(_ROWS)
 
@@ -273,22 +274,51 @@ class ClusterView:
         self.guests[i] += 1
         self.locations[reservation.vmid] = i
         self._update_free(i)
-        if resources.gpus and not reservation.gpu_applied:
-            fitted = apply_gpu_requests(self.gpu, i, self.names[i], resources.gpus, self.mappings)
-            self._gpu_short[i] = self._gpu_short.get(i, False) or not fitted
+        fitted = reservation.gpu_applied or apply_gpu_requests(
+            self.gpu, i, self.names[i], resources.gpus, self.mappings
+        )
+        if not fitted:
+            self._gpu_failed.setdefault(i, set()).add(reservation.key)
 
     def overcommitted(self, node: str | int) -> bool:
-        """Whether what is held on the node exceeds what it has (a claim must never cause it)."""
+        """Whether what is held on the node exceeds what it has, in any resource."""
         i = node if isinstance(node, int) else self.index[node]
         gpu = self.gpu
         return bool(
             self.vcpu_free[i] < 0
             or self.mem_free[i] < 0
-            or self._gpu_short.get(i, False)
+            or self._gpu_failed.get(i)
             or (gpu.dev_free[i] < 0).any()
             or (gpu.mdev_free[i] < 0).any()
             or (gpu.map_free[i] < 0).any()
         )
+
+    def holds(self, node: str | int, key: str) -> bool:
+        """Whether the node holds everything reserved, in the resources reservation ``key`` uses.
+
+        A claim is only committed when this holds with the claim counted: a shortage in a
+        resource it does not use (a device the broker stopped offering) does not block it.
+        """
+        i = node if isinstance(node, int) else self.index[node]
+        reservation = self._nodes[i].reservations.get(key)
+        if reservation is None or self.vcpu_free[i] < 0 or self.mem_free[i] < 0:
+            return False
+        if key in self._gpu_failed.get(i, ()):
+            return False
+        gpu = self.gpu
+        for request in reservation.resources.gpus:
+            short = [
+                gpu.dev_free[i, column] < 0
+                for device, column in gpu.devices.index.items()
+                if device[0] == request.kind.value
+            ]
+            if request.mapping is not None:
+                short.append(gpu.map_free[i, gpu.mapping_ids.index[request.mapping]] < 0)
+            if request.mdev_type is not None:
+                short.append(gpu.mdev_free[i, gpu.mdev_types.index[request.mdev_type]] < 0)
+            if any(short):
+                return False
+        return True
 
     def release(self, node: str | int, key: str) -> Reservation | None:
         """Give back what a reservation held; returns it, or None if it was not held."""
@@ -360,16 +390,17 @@ class ClusterView:
     def _refresh_gpus(self, i: int) -> None:
         node = self._nodes[i]
         self.gpu.load(i, node.inventory, self.mappings, self.names[i])
-        pending = [
-            request
-            for reservation in node.reservations.values()
-            if not reservation.gpu_applied
-            for request in reservation.resources.gpus
-        ]
-        fitted = not pending or apply_gpu_requests(
-            self.gpu, i, self.names[i], tuple(pending), self.mappings
-        )
-        self._gpu_short[i] = not fitted
+        failed = set()
+        for reservation in node.reservations.values():
+            if reservation.gpu_applied or not reservation.resources.gpus:
+                continue
+            gpus = reservation.resources.gpus
+            if not apply_gpu_requests(self.gpu, i, self.names[i], gpus, self.mappings):
+                failed.add(reservation.key)
+        if failed:
+            self._gpu_failed[i] = failed
+        else:
+            self._gpu_failed.pop(i, None)
 
     def mig_codes(self, i: int) -> list[int]:
         """The MIG state codes of a node's GPUs (``NO_GPU`` for empty columns)."""

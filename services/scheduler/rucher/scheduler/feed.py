@@ -61,6 +61,7 @@ class ClusterFeed:
         self.agents = agents
         self.on_guest = on_guest
         self.registrations: dict[str, str] = {}  # registry key -> node
+        self.agents_on: dict[str, int] = {}  # node -> agents registered there
         self.guest_nodes: dict[int, str] = {}
         self.closed: set[str] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -143,10 +144,12 @@ class ClusterFeed:
             return
         node = parts[1]
         if entry.operation is Operation.PUT:
-            self.registrations[entry.key] = node
-        else:
-            self.registrations.pop(entry.key, None)
-        self.view.set_online(node, node in self.registrations.values())
+            if entry.key not in self.registrations:
+                self.registrations[entry.key] = node
+                self.agents_on[node] = self.agents_on.get(node, 0) + 1
+        elif self.registrations.pop(entry.key, None) is not None:
+            self.agents_on[node] -= 1
+        self.view.set_online(node, self.agents_on.get(node, 0) > 0)
 
     def _on_allocations(self, entry: Entry[NodeAllocations]) -> None:
         node = decode_token(entry.key)

@@ -323,7 +323,7 @@ class SchedulerService:
         """Add claims to a node's document if they still fit at its current revision."""
         ledger = self.ledger.node(node)
         async with ledger.lock:
-            if self.view.overcommitted(node):
+            if not all(self.view.holds(node, claim.claim_id) for claim in claims):
                 # Since the decision, another claim took the room: decide again.
                 return False
             now = self.clock()
