@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
+import msgspec
 import pytest
 from nats.aio.msg import Msg
 
@@ -21,7 +22,22 @@ from rucher.bus.codec import encode
 from rucher.leases import current
 from rucher.proto.cluster import NODE_CAPACITY_PUBLISHED, CapacityPublished, CpuArch, NodeCapacity
 from rucher.proto.errors import ErrorCode
-from rucher.proto.guest import GuestType
+from rucher.proto.gpu import (
+    INVENTORY_PUBLISHED,
+    GpuInventory,
+    GpuKind,
+    InventoryPublished,
+    MigPlacement,
+    MigProfile,
+    PciDevice,
+)
+from rucher.proto.guest import GuestRecord, GuestType
+from rucher.proto.ha import (
+    MANAGER_STATUS_PUBLISHED,
+    ManagerStatus,
+    ManagerStatusPublished,
+    NodeState,
+)
 from rucher.proto.keys import encode_token, make_key
 from rucher.proto.node import LeaseRecord, ServiceInstance
 from rucher.proto.scheduler import (
@@ -35,13 +51,20 @@ from rucher.proto.scheduler import (
     ClaimEnd,
     ClaimEnded,
     ClaimRelease,
+    GpuRequest,
     NodeAllocations,
     PlaceGuest,
     PlacementSpec,
     PlanRebalance,
     ResourceRequest,
 )
-from rucher.proto.streams import ALLOCATIONS, CLAIMS, SERVICES
+from rucher.proto.storage import (
+    STATUS_PUBLISHED,
+    StorageStatus,
+    StorageStatusPublished,
+    StorageType,
+)
+from rucher.proto.streams import ALLOCATIONS, CLAIMS, GUESTS, SERVICES
 from rucher.scheduler.reaper import ELECTION
 
 from .buses import connected, until
@@ -378,3 +401,163 @@ async def add_orphan(bus: Bus, node: str) -> None:
                 raise
         else:
             return
+
+
+async def test_the_view_follows_inventories_storages_guests_and_the_ha_manager(stack):
+    bus, _ = stack
+    await request_until_placed(bus, place(100, memory=GIB))
+    now = time.time()
+    mig = PciDevice(
+        address="0000:41:00.0",
+        vendor_id="10de",
+        device_id="2335",
+        class_code="030200",
+        mig_enabled=True,
+        mig_profiles=(
+            MigProfile(
+                profile_id=0,
+                name="7g.141gb",
+                slices=7,
+                max_instances=1,
+                memory=140 * GIB,
+                placements=(MigPlacement(start=0, size=8),),
+            ),
+        ),
+    )
+    await bus.publish(
+        INVENTORY_PUBLISHED.to(node="n3"),
+        InventoryPublished(
+            event_id=new_id(), node="n3", time=now,
+            inventory=GpuInventory(node="n3", devices=(mig,), time=now),
+        ),
+    )  # fmt: skip
+    ceph = StorageStatus(
+        storage="ceph", storage_type=StorageType.RBD, content=(), shared=True, active=True,
+        enabled=True,
+    )  # fmt: skip
+    await bus.publish(
+        STATUS_PUBLISHED.to(node="n2"),
+        StorageStatusPublished(event_id=new_id(), node="n2", time=now, storages=(ceph,)),
+    )
+    gpu = (GpuRequest(kind=GpuKind.MIG, mig_profile="7g.141gb"),)
+    on_gpu = await request_until_placed(
+        bus,
+        PlaceGuest(
+            command_id=new_id(),
+            spec=PlacementSpec(
+                vmid=101,
+                guest_type=GuestType.QEMU,
+                resources=ResourceRequest(vcpus=1, memory=GIB, gpus=gpu),
+            ),
+        ),
+    )
+    assert on_gpu.placement.node == "n3"
+    on_ceph = await request_until_placed(
+        bus,
+        PlaceGuest(
+            command_id=new_id(),
+            spec=PlacementSpec(
+                vmid=102,
+                guest_type=GuestType.QEMU,
+                resources=ResourceRequest(vcpus=1, memory=GIB, storages=("ceph",)),
+            ),
+        ),
+    )
+    assert on_ceph.placement.node == "n2"
+    # A guest created without the scheduler holds its configured memory on its node.
+    guests: KV[GuestRecord] = KV(bus, GUESTS, GuestRecord)
+    await guests.put(
+        "300",
+        GuestRecord(
+            vmid=300, type=GuestType.QEMU, node="n1", config={"memory": "14336"}, digest=""
+        ),
+    )
+    # The HA manager puts n2 into maintenance.
+    status = ManagerStatus(
+        master_node="n1",
+        manager_token=1,
+        timestamp=now,
+        node_status={"n1": NodeState.ONLINE, "n2": NodeState.MAINTENANCE, "n3": NodeState.ONLINE},
+        service_status={},
+    )
+    await bus.publish(
+        MANAGER_STATUS_PUBLISHED.to(node="n1"),
+        ManagerStatusPublished(event_id=new_id(), node="n1", time=now, status=status),
+    )
+
+    async def closed(node: str, reason: str) -> bool:
+        try:
+            await bus.request(GUEST_PLACE.address, place(400, memory=4 * GIB, candidates=(node,)))
+        except RucherError as err:
+            return reason in err.message
+        return False
+
+    await until(lambda: closed("n2", "online removed 1"), timeout=10)
+    await until(lambda: closed("n1", "resources removed 1"), timeout=10)
+
+
+async def test_a_confirmed_claim_ends_when_its_guest_moves_to_another_node(stack):
+    bus, _ = stack
+    decision = await request_until_placed(bus, place(101, memory=4 * GIB, candidates=("n1",)))
+    placement = decision.placement
+    await bus.request(
+        CLAIM_CONFIRM.address,
+        ClaimConfirm(
+            command_id=new_id(),
+            claim_id=placement.claim_id,
+            claim_token=placement.claim_token,
+            node="n1",
+            vmid=101,
+        ),
+    )
+    guests: KV[GuestRecord] = KV(bus, GUESTS, GuestRecord)
+    record = GuestRecord(vmid=101, type=GuestType.QEMU, node="n1", config={}, digest="")
+    await guests.put("101", record)
+    await asyncio.sleep(0.5)
+    assert [c.vmid for c in (await allocations(bus, "n1")).claims] == [101]
+    await guests.put("101", msgspec.structs.replace(record, node="n2"))  # migrated
+
+    async def superseded() -> bool:
+        document = await allocations(bus, "n1")
+        return document is not None and document.claims == ()
+
+    await until(superseded, timeout=10)
+
+
+async def test_a_guest_that_moved_while_no_scheduler_ran_is_reconciled_at_election(
+    nats_server, tmp_path
+):
+    async with connected(nats_server.url, service="test-client") as bus:
+        await add_nodes(bus, ("n1", "n2"))
+        first = start_scheduler(nats_server.url, tmp_path / "a", node="s1")
+        try:
+            await wait_ready(bus, first)
+            decision = await request_until_placed(bus, place(101, candidates=("n1",)))
+            placement = decision.placement
+            await bus.request(
+                CLAIM_CONFIRM.address,
+                ClaimConfirm(
+                    command_id=new_id(),
+                    claim_id=placement.claim_id,
+                    claim_token=placement.claim_token,
+                    node="n1",
+                    vmid=101,
+                ),
+            )
+        finally:
+            stop(first)
+        guests: KV[GuestRecord] = KV(bus, GUESTS, GuestRecord)
+        await guests.put(
+            "101", GuestRecord(vmid=101, type=GuestType.QEMU, node="n2", config={}, digest="")
+        )
+        second = start_scheduler(nats_server.url, tmp_path / "b", node="s2")
+        try:
+            await wait_ready(bus, second)
+
+            async def superseded() -> bool:
+                document = await allocations(bus, "n1")
+                return document is not None and document.claims == ()
+
+            await until(superseded, timeout=15)
+        finally:
+            stop(second)

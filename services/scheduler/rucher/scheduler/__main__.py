@@ -32,10 +32,16 @@ async def setup(context: ServiceContext) -> None:
         scheduler=candidate,
         clock=time.time,
     )
+    feed = ClusterFeed(bus, service, agents=settings.agents)
     reaper = ClaimReaper(
-        bus, service, candidate=candidate, ttl=settings.base.registry_ttl, sweep=settings.sweep
+        bus,
+        service,
+        candidate=candidate,
+        ttl=settings.base.registry_ttl,
+        sweep=settings.sweep,
+        owners=lambda: feed.guest_nodes,
     )
-    feed = ClusterFeed(bus, service, agents=settings.agents, on_guest=reaper.guest_moved)
+    feed.on_guest = reaper.guest_moved
     await feed.start()
     context.on_stop(feed.stop)
 

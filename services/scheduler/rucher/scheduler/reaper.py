@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Mapping
 
 import structlog
 
@@ -28,11 +29,19 @@ class ClaimReaper:
     """Leader-only work on claims; every instance campaigns, one leads."""
 
     def __init__(
-        self, bus: Bus, service: SchedulerService, *, candidate: str, ttl: float, sweep: float
+        self,
+        bus: Bus,
+        service: SchedulerService,
+        *,
+        candidate: str,
+        ttl: float,
+        sweep: float,
+        owners: Callable[[], Mapping[int, str]] = dict,
     ) -> None:
         self.bus = bus
         self.service = service
         self.sweep = sweep
+        self.owners = owners
         self.election = Election(
             bus,
             ELECTION,
@@ -60,6 +69,13 @@ class ClaimReaper:
 
     async def _lead(self) -> None:
         log.info("claim_reaper_leading")
+        # Guests that moved while nobody led: their confirmed claims elsewhere end now.
+        owners = self.owners()
+        for ledger in self.service.ledger.nodes.values():
+            for claim in ledger.document.claims if ledger.document else ():
+                owner = owners.get(claim.vmid)
+                if claim.confirmed and owner is not None and owner != claim.node:
+                    self._moves.put_nowait((claim.vmid, owner))
         self._tasks = [
             asyncio.create_task(self._sweep(), name="reaper-sweep"),
             asyncio.create_task(self._watch_records(), name="reaper-records"),
