@@ -336,3 +336,20 @@ def test_holds_looks_only_at_what_the_reservation_uses():
     assert view.holds("n1", "d") and not view.holds("n1", "e")
     view.reserve("n1", held("f", 106, memory=8 * GIB))
     assert not view.holds("n1", "c") and not view.holds("n1", "missing")
+
+
+def test_a_mapped_device_claim_takes_the_mapping_and_a_device_of_its_model():
+    view = view_of("n1", "n2")
+    view.set_gpu_inventory(inventory("n1", gpu("0000:41:00.0"), gpu("0000:42:00.0", device="2230")))
+    entry = PciMappingEntry(node="n1", path="0000:42:00.0", vendor_id=NVIDIA, device_id="2230")
+    view.set_mappings([PciMapping(id="a6000", map=(entry,))])
+    rows, row = view.gpu, view.index["n1"]
+    column = rows.mapping_ids.index["a6000"]
+    a6000 = rows.devices.index[("passthrough", NVIDIA, "2230")]
+    l40 = rows.devices.index[("passthrough", NVIDIA, L40)]
+    request = (GpuRequest(kind=GpuKind.PASSTHROUGH, mapping="a6000"),)
+    view.reserve("n1", held("a", 101, gpus=request))
+    assert rows.map_free[row, column] == 0
+    assert rows.dev_free[row, a6000] == 0 and rows.dev_free[row, l40] == 1
+    view.set_mappings([])  # the mapping was deleted: its column empties on the nodes it named
+    assert rows.map_total[row, column] == 0

@@ -7,14 +7,14 @@ satisfy them (MIG instances at the placement that loses the least).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
 from rucher.placement.bits import Interner
 from rucher.placement.mig import NO_GPU, MigCatalog
-from rucher.proto.gpu import GpuInventory, GpuKind, PciDevice, PciMapping
+from rucher.proto.gpu import GpuInventory, GpuKind, PciDevice, PciMappingEntry
 from rucher.proto.scheduler import GpuRequest
 
 ANY = "*"
@@ -106,8 +106,7 @@ class GpuRows:
         self,
         i: int,
         inventory: GpuInventory | None,
-        mappings: Mapping[str, PciMapping],
-        node: str,
+        mapped: Sequence[tuple[str, PciMappingEntry]],
     ) -> None:
         """Fill row ``i`` from an inventory (an empty row when there is none)."""
         for array in (
@@ -150,22 +149,18 @@ class GpuRows:
             self.mig = wider
         self.mig[i, : len(mig_codes)] = mig_codes
         self.has_gpu[i] = bool(self.dev_total[i].any() or self.mdev_total[i].any() or mig_codes)
-        for mapping in mappings.values():
-            column = self.mapping_column(mapping.id)
-            for entry in mapping.map:
-                if entry.node != node:
-                    continue
-                self.map_total[i, column] += 1
-                found = by_address.get(entry.path)
-                self.map_free[i, column] += found is not None and found.lease_id is None
+        for mapping, entry in mapped:
+            column = self.mapping_column(mapping)
+            self.map_total[i, column] += 1
+            found = by_address.get(entry.path)
+            self.map_free[i, column] += found is not None and found.lease_id is None
 
 
 def apply_gpu_requests(
     rows: GpuRows,
     i: int,
-    node: str,
     requests: tuple[GpuRequest, ...],
-    mappings: Mapping[str, PciMapping],
+    mapped: Sequence[tuple[str, PciMappingEntry]],
 ) -> bool:
     """Take what ``requests`` need from row ``i``; False when something did not fit."""
     fitted = True
@@ -183,9 +178,9 @@ def apply_gpu_requests(
             fitted &= bool(rows.mdev_free[i, column] >= 0)
         elif request.kind in (GpuKind.PASSTHROUGH, GpuKind.VF):
             vendor, device = request.vendor_id, request.device_id
-            if request.mapping is not None and request.mapping in mappings:
+            if request.mapping is not None:
                 # The model the mapping names on this node decides which devices it takes.
-                entry = next((e for e in mappings[request.mapping].map if e.node == node), None)
+                entry = next((e for m, e in mapped if m == request.mapping), None)
                 if entry is not None:
                     vendor, device = entry.vendor_id, entry.device_id
             for _ in range(request.count):

@@ -18,7 +18,7 @@ from rucher.placement.bits import Interner, bitset, words_for
 from rucher.placement.gpus import GpuRows, apply_gpu_requests
 from rucher.placement.mig import NO_GPU, MigCatalog
 from rucher.proto.cluster import NodeCapacity
-from rucher.proto.gpu import GpuInventory, PciMapping
+from rucher.proto.gpu import GpuInventory, PciMapping, PciMappingEntry
 from rucher.proto.guest import GuestType
 from rucher.proto.scheduler import NodeAffinity, ResourceAffinity, ResourceRequest
 from rucher.proto.storage import StorageStatus
@@ -71,6 +71,7 @@ class ClusterView:
         self.gpu = GpuRows(_ROWS)
         self.mig: MigCatalog = self.gpu.catalog
         self.mappings: dict[str, PciMapping] = {}
+        self._mapped: dict[str, list[tuple[str, PciMappingEntry]]] = {}  # node -> its entries
         self._nodes: list[_Node] = []
         self._max_cache: dict[str, tuple[int, float]] = {}
         # Filters' cached "nodes that have X at all", keyed by what X is (see filters.base).
@@ -215,11 +216,16 @@ class ClusterView:
 
     def set_mappings(self, mappings: Iterable[PciMapping]) -> None:
         """Every cluster-wide PCI resource mapping (``/cluster/mapping/pci``)."""
+        touched = set(self._mapped)
         self.mappings = {mapping.id: mapping for mapping in mappings}
+        self._mapped = {}
         for mapping in self.mappings.values():
             self.gpu.mapping_column(mapping.id)
-        for i in range(self.size):
-            self._refresh_gpus(i)
+            for entry in mapping.map:
+                self._mapped.setdefault(entry.node, []).append((mapping.id, entry))
+        for node in touched | set(self._mapped):
+            if node in self.index:
+                self._refresh_gpus(self.index[node])
         self.gpu.epoch += 1
         self._changed()
 
@@ -275,7 +281,7 @@ class ClusterView:
         self.locations[reservation.vmid] = i
         self._update_free(i)
         fitted = reservation.gpu_applied or apply_gpu_requests(
-            self.gpu, i, self.names[i], resources.gpus, self.mappings
+            self.gpu, i, resources.gpus, self._mapped.get(self.names[i], ())
         )
         if not fitted:
             self._gpu_failed.setdefault(i, set()).add(reservation.key)
@@ -389,13 +395,14 @@ class ClusterView:
 
     def _refresh_gpus(self, i: int) -> None:
         node = self._nodes[i]
-        self.gpu.load(i, node.inventory, self.mappings, self.names[i])
+        mapped = self._mapped.get(self.names[i], ())
+        self.gpu.load(i, node.inventory, mapped)
         failed = set()
         for reservation in node.reservations.values():
             if reservation.gpu_applied or not reservation.resources.gpus:
                 continue
             gpus = reservation.resources.gpus
-            if not apply_gpu_requests(self.gpu, i, self.names[i], gpus, self.mappings):
+            if not apply_gpu_requests(self.gpu, i, gpus, mapped):
                 failed.add(reservation.key)
         if failed:
             self._gpu_failed[i] = failed
