@@ -444,11 +444,12 @@ def naive_place(
             (node.mem_free - resources.memory) / node.mem_total
             + (node.vcpu_free - resources.vcpus) / node.vcpu_total
         ) / 2
-        score = room + 0.25 * (1.0 - node.load)
+        # The engine's weighers, in its order: spread, fragmentation, load.
         if not resources.gpus:
-            score += 0.0 if node.has_gpu else 1.0
+            score = room + (0.0 if node.has_gpu else 1.0)
         else:
-            score -= lost / 1000.0
+            score = room - lost / 1000.0
+        score += 0.25 * (1.0 - node.load)
         key = (float(priority.get(node.name, -1 if rule else 0)), score, node.name)
         if best is None or key[:2] > best[:2] or (key[:2] == best[:2] and key[2] < best[2]):
             best, chosen = key, (i, mig_gpu)
