@@ -65,6 +65,8 @@ BUCKET_VALUES: dict[str, type[msgspec.Struct]] = {
     "leases": node.LeaseRecord,
     "services": node.LeaseRecord,
     "idempotency": bus.AppliedCommand,
+    "allocations": scheduler.NodeAllocations,
+    "claims": scheduler.Claim,
 }
 
 
