@@ -168,6 +168,30 @@ FORMATS: dict[str, FormatCheck] = {
         r"(?i)^(ok|error|warning|unknown)$", "invalid task status type '{value}'"
     ),
     "pve-bridge-id": _matching(r"^[-_.\w]+$", "invalid bridge ID '{value}'"),
+    # Guest config scalars (POST /nodes/{node}/qemu and its config endpoints).
+    "dns-name": _matching(
+        r"^(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])\.)*"
+        r"(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])$",
+        "value does not look like a valid DNS name",
+    ),
+    "pve-cpuset": _matching(r"^\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*$", "invalid cpuset '{value}'"),
+    "pve-hotplug-features": _matching(
+        r"^(?:0|1|(?:network|disk|cpu|memory|usb|cloudinit)"
+        r"(?:,(?:network|disk|cpu|memory|usb|cloudinit))*)$",
+        "invalid hotplug feature list '{value}'",
+    ),
+    "CIDR": _matching(
+        r"^(?:\d{1,3}(?:\.\d{1,3}){3}/\d{1,2}|[0-9a-fA-F:]+/\d{1,3})$",
+        "value does not look like a valid CIDR network",
+    ),
+    "storage-pair": _matching(
+        r"^(?:[a-zA-Z][a-zA-Z0-9._-]*[a-zA-Z0-9](?::[a-zA-Z][a-zA-Z0-9._-]*[a-zA-Z0-9])?|1)$",
+        "invalid storage mapping '{value}'",
+    ),
+    "pve-tag": _matching(r"^[a-zA-Z0-9_][a-zA-Z0-9_+.-]*$", "invalid tag '{value}'"),
+    "pve-qm-bootdisk": _matching(
+        r"^(?:ide|sata|scsi|virtio|efidisk|tpmstate)\d+$", "invalid boot disk '{value}'"
+    ),
     "mac-addr": _matching(
         r"(?i)^[a-f0-9][02468ace](?::[a-f0-9]{2}){5}$",
         "value does not look like a valid unicast MAC address",

@@ -29,6 +29,7 @@ from rucher.tasks import TaskStore, UpidMinter
 
 from ..buses import connected
 from .stack import ADMIN, ADMIN_PASSWORD, NODE, Api, grant, logged_in, make_user, unique
+from .test_qemu_helpers import make_vm, next_vmid, start_agent, wait_agent
 
 pytestmark = pytest.mark.integration
 
@@ -176,6 +177,23 @@ async def _pool_members(admin: Api, world: World) -> Params:
     return {**(await _pool(admin, world)), "vms": str(world.vmid)}
 
 
+async def _world_vm(admin: Api, world: World) -> Params:
+    return {"node": NODE, "vmid": world.vmid}
+
+
+async def _new_vm(admin: Api, world: World) -> Params:
+    return {"node": NODE, "vmid": next_vmid(), "memory": 64}
+
+
+def _vm(**state: bool) -> Prepare:
+    """A fresh VM in the given state (``start``, ``paused``), made by the administrator."""
+
+    async def prepare(admin: Api, world: World) -> Params:
+        return {"node": NODE, "vmid": await make_vm(admin, **state)}
+
+    return prepare
+
+
 NODE_AUDIT = [(f"/nodes/{NODE}", ["Sys.Audit"])]
 
 CASES: dict[tuple[str, str], Case] = {
@@ -187,6 +205,20 @@ CASES: dict[tuple[str, str], Case] = {
     ("DELETE", "/nodes/{node}/tasks/{upid}"): Case(_task, [(f"/nodes/{NODE}", ["Sys.Modify"])]),
     ("GET", "/nodes/{node}/tasks/{upid}/status"): Case(_task, NODE_AUDIT),
     ("GET", "/nodes/{node}/tasks/{upid}/log"): Case(_task, NODE_AUDIT),
+    ("GET", "/nodes/{node}/qemu"): Case(_fixed(node=NODE)),
+    ("POST", "/nodes/{node}/qemu"): Case(_new_vm, [("/vms", ["VM.Allocate"])]),
+    ("DELETE", "/nodes/{node}/qemu/{vmid}"): Case(_vm()),
+    ("GET", "/nodes/{node}/qemu/{vmid}/config"): Case(_world_vm),
+    ("POST", "/nodes/{node}/qemu/{vmid}/config"): Case(_plus(_world_vm, description="x")),
+    ("PUT", "/nodes/{node}/qemu/{vmid}/config"): Case(_plus(_world_vm, description="y")),
+    ("GET", "/nodes/{node}/qemu/{vmid}/status/current"): Case(_world_vm),
+    ("POST", "/nodes/{node}/qemu/{vmid}/status/start"): Case(_vm()),
+    ("POST", "/nodes/{node}/qemu/{vmid}/status/stop"): Case(_vm(start=True)),
+    ("POST", "/nodes/{node}/qemu/{vmid}/status/shutdown"): Case(_vm(start=True)),
+    ("POST", "/nodes/{node}/qemu/{vmid}/status/reboot"): Case(_vm(start=True)),
+    ("POST", "/nodes/{node}/qemu/{vmid}/status/reset"): Case(_vm(start=True)),
+    ("POST", "/nodes/{node}/qemu/{vmid}/status/suspend"): Case(_vm(start=True)),
+    ("POST", "/nodes/{node}/qemu/{vmid}/status/resume"): Case(_vm(paused=True)),
     ("GET", "/cluster/status"): Case(_nothing),
     ("GET", "/cluster/resources"): Case(_nothing),
     ("GET", "/cluster/nextid"): Case(_nothing),
@@ -319,6 +351,23 @@ def world(stack) -> World:
             return World(vmid=guest.vmid, upid=upid)
 
     return asyncio.run(build())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compute_agent(stack, world) -> None:
+    """A compute agent on libvirt's test driver; started after the world, it adopts its guest."""
+    import asyncio
+
+    start_agent(stack, "test:///default")
+
+    async def wait() -> None:
+        admin = await logged_in(stack, ADMIN, ADMIN_PASSWORD)
+        try:
+            await wait_agent(admin)
+        finally:
+            await admin.close()
+
+    asyncio.run(wait())
 
 
 @pytest.mark.parametrize("key", sorted(CASES), ids=lambda key: f"{key[0]} {key[1]}")

@@ -17,7 +17,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rucher.gateway import dialect, openapi
-from rucher.gateway.routes import access, cluster, nodes, pools, tasks, users, version
+from rucher.gateway.routes import access, cluster, nodes, pools, qemu, tasks, users, version
 from rucher.gateway.routing import API_PREFIX, Gateway, Handler, RouteTable, build_route
 
 OPENAPI_PATH = "/api2/openapi.json"
@@ -25,6 +25,7 @@ ROUTE_TABLES: tuple[RouteTable, ...] = (
     version.ROUTES,
     cluster.ROUTES,
     nodes.ROUTES,
+    qemu.ROUTES,
     tasks.ROUTES,
     pools.ROUTES,
     access.ROUTES,
