@@ -279,3 +279,26 @@ async def test_rbd_orphans_are_reported_not_deleted(bus, ioctx):
 
     assert volume.volid in [v.volid for v in orphans.volumes]
     assert "vm-370-disk-0" in importlib.import_module("rbd").RBD().list(ioctx)
+
+
+async def test_a_base_recreated_on_another_node_is_cloned_with_its_new_size(bus, rbd_stack):
+    url, root = rbd_stack
+    other = start_storage(url, root / "state-n2", node="n2",
+                          RUCHER_STORAGE_LOCAL_PATH=str(root / "local-n2"))  # fmt: skip
+    try:
+        await wait_ready(url, other, node="n2")
+        first = await allocate(bus, 380)
+        base = (await call(bus, s.VOLUME_CREATE_BASE, volid=first.volid)).volume
+        clone = (await call(bus, s.VOLUME_CLONE, volid=base.volid, vmid=381, linked=True)).volume
+        assert clone.size == 64 * MIB  # n1 now knows the base's size
+
+        await call(bus, s.VOLUME_FREE, node="n2", volid=clone.volid)
+        await call(bus, s.VOLUME_FREE, node="n2", volid=base.volid)
+        again = (await call(bus, s.VOLUME_ALLOCATE, node="n2", storage="ceph", vmid=380,
+                            size=32 * MIB)).volume  # fmt: skip
+        await call(bus, s.VOLUME_CREATE_BASE, node="n2", volid=again.volid)
+
+        clone = (await call(bus, s.VOLUME_CLONE, volid=base.volid, vmid=382, linked=True)).volume
+        assert clone.size == 32 * MIB
+    finally:
+        stop_storage(other)

@@ -23,7 +23,7 @@ from rucher.storage import volnames
 from rucher.storage.config import read_ceph_conf
 from rucher.storage.definitions import DEFAULT_LOCAL, Definitions, digest, normalized
 from rucher.storage.disks import monitor_hosts, rbd_mapping
-from rucher.storage.drivers.rbd import bare_key
+from rucher.storage.drivers.ceph import bare_key
 
 from .test_storage_service import Events, MemoryBook
 

@@ -16,6 +16,7 @@ from rucher.storage.adapters import (
     KvDefinitionBook,
     KvGuestDirectory,
     ObjectUploads,
+    follow_volume_changes,
 )
 from rucher.storage.config import StorageSettings
 from rucher.storage.copies import Copier
@@ -56,6 +57,7 @@ async def setup(context: ServiceContext) -> None:
     node = NodeContext(local_path=settings.local_path, qemu_img=QemuImg(settings.qemu_img))
     pool = DriverPool(node=bus.node, book=book, context=node)
     context.on_stop(pool.close)
+    context.on_stop(await follow_volume_changes(bus, pool.forget))
     copier = Copier(pool, settings.staging)
     storage = StorageService(
         node=bus.node, pool=pool, guests=KvGuestDirectory(bus), events=events, copier=copier

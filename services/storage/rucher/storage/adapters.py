@@ -17,6 +17,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
+from nats.aio.msg import Msg
 
 from rucher.bus import KV, Bus, RucherError
 from rucher.bus.codec import decode, encode
@@ -26,7 +27,13 @@ from rucher.proto.bus import AppliedCommand
 from rucher.proto.errors import ErrorCode
 from rucher.proto.guest import GuestRecord, GuestType
 from rucher.proto.keys import decode_token, encode_token, make_key
-from rucher.proto.storage import StorageRecord
+from rucher.proto.storage import (
+    VOLUME_FREED,
+    VOLUME_RENAMED,
+    StorageRecord,
+    VolumeFreed,
+    VolumeRenamed,
+)
 from rucher.proto.streams import GUESTS, IDEMPOTENCY, STORAGE, UPLOADS
 from rucher.storage.ports import E, UploadInfo
 from rucher.storage.volnames import invalid
@@ -164,6 +171,38 @@ class BusEvents:
         """Wait for events still being published."""
         if self._pending:
             await asyncio.wait(self._pending, timeout=5.0)
+
+
+async def follow_volume_changes(
+    bus: Bus, forget: Callable[[str], None]
+) -> Callable[[], Awaitable[None]]:
+    """Call ``forget(volid)`` for every volume any node frees or renames; returns the stop.
+
+    Plain subscriptions to the events as they are published: a driver's cache of template
+    bases only needs to hear of a change, not to replay history.
+    """
+
+    async def on_freed(msg: Msg) -> None:
+        with contextlib.suppress(RucherError):
+            forget(decode(msg.data, VolumeFreed).volid)
+
+    async def on_renamed(msg: Msg) -> None:
+        with contextlib.suppress(RucherError):
+            event = decode(msg.data, VolumeRenamed)
+            forget(event.volid)
+            forget(event.new_volid)
+
+    subscriptions = [
+        await bus.nc.subscribe(VOLUME_FREED.wildcard(), cb=on_freed),
+        await bus.nc.subscribe(VOLUME_RENAMED.wildcard(), cb=on_renamed),
+    ]
+
+    async def stop() -> None:
+        for subscription in subscriptions:
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
+
+    return stop
 
 
 class ObjectUploads:

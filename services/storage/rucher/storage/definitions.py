@@ -32,7 +32,7 @@ from rucher.proto.storage import (
     StorageRecord,
     StorageType,
 )
-from rucher.storage.drivers.rbd import bare_key
+from rucher.storage.drivers.ceph import bare_key
 from rucher.storage.ports import DefinitionBook, EventSink
 
 LOCAL = "local"

@@ -103,6 +103,16 @@ class DriverPool:
             raise RucherError(err.code, err.message, details={"field": field}) from err
         return driver, definition, parsed, volname
 
+    def forget(self, volid: str) -> None:
+        """Tell the volume's driver, if built, that the volume was freed or renamed."""
+        storage, _, volname = volid.partition(":")
+        known = self._drivers.get(storage)
+        if known is not None and volname:
+            try:
+                known[1].forget(volname)
+            except RucherError:
+                return  # a name this storage would not have: nothing cached under it
+
     async def close(self) -> None:
         """Close every driver."""
         for _, driver in self._drivers.values():

@@ -251,6 +251,9 @@ class FakeDriver:
         """Files are not kept by the fake."""
         raise RucherError(ErrorCode.UNSUPPORTED, "the fake driver keeps no files")
 
+    def forget(self, name: str) -> None:
+        """Nothing is cached."""
+
     async def close(self) -> None:
         """Mark closed."""
         self.closed = True

@@ -149,6 +149,10 @@ class StorageDriver(Protocol):
         """The final path of an uploaded or downloaded file (ISO, template); ``exists`` if taken."""
         ...
 
+    def forget(self, name: str) -> None:
+        """Drop anything cached about a volume that was freed or renamed (here or elsewhere)."""
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...

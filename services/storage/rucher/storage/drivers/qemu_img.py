@@ -71,14 +71,14 @@ class QemuImg:
     def __init__(self, binary: str = "qemu-img") -> None:
         self.binary = binary
 
-    async def run(self, *args: str) -> str:
-        """Run ``qemu-img ARGS`` and return its output; raise :class:`QemuImgError` on failure."""
+    async def run(self, *args: str) -> None:
+        """Run ``qemu-img ARGS``; raise :class:`QemuImgError` with its error line on failure."""
         try:
             process = await asyncio.create_subprocess_exec(
                 self.binary,
                 *args,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
             )
         except FileNotFoundError as err:
@@ -86,7 +86,7 @@ class QemuImg:
                 ErrorCode.UNSUPPORTED, f"{self.binary} is not installed on this node"
             ) from err
         try:
-            out, errors = await process.communicate()
+            _, errors = await process.communicate()
         except asyncio.CancelledError:
             process.kill()
             await process.wait()
@@ -98,7 +98,6 @@ class QemuImg:
             log.debug("qemu_img_failed", args=list(args), error=message)
             code = ErrorCode.NOT_FOUND if "not found" in message.lower() else ErrorCode.INTERNAL
             raise QemuImgError(code, f"qemu-img {args[0]}: {message}")
-        return out.decode(errors="replace")
 
     async def create(
         self,

@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import json
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 
@@ -32,43 +28,17 @@ from rucher.proto.storage import (
 )
 from rucher.storage import volnames
 from rucher.storage.disks import rbd_mapping
+from rucher.storage.drivers.ceph import CephPool
 from rucher.storage.drivers.interface import Capacity, NewDisk, Volume
 from rucher.storage.revert import Revert
 from rucher.storage.volnames import invalid
 
 log = structlog.get_logger("rucher.storage.rbd")
 
-T = TypeVar("T")
 TYPE = StorageType.RBD
 BASE_SNAPSHOT = "__base__"
 NOTES_KEY, PROTECTED_KEY = "rucher.notes", "rucher.protected"
 CHUNK = 4 << 20
-ZERO = bytes(CHUNK)
-DEFAULT_TIMEOUTS = {
-    "client_mount_timeout": "10",
-    "rados_mon_op_timeout": "15",
-    "rados_osd_op_timeout": "60",
-}
-
-
-def bindings() -> tuple[ModuleType, ModuleType]:
-    """Debian's ``rados`` and ``rbd`` modules; ``unsupported`` when they are not installed."""
-    try:
-        return importlib.import_module("rados"), importlib.import_module("rbd")
-    except ImportError as err:
-        raise RucherError(
-            ErrorCode.UNSUPPORTED,
-            "the rados/rbd Python bindings are not installed on this node (ops/ceph install)",
-        ) from err
-
-
-def bare_key(keyring: str) -> str:
-    """The cephx secret from a keyring file's text (``key = ...``), or the text itself."""
-    for line in keyring.splitlines():
-        name, sep, value = line.strip().partition("=")
-        if sep and name.strip() == "key":
-            return value.strip()
-    return keyring.strip()
 
 
 class RbdDriver:
@@ -82,71 +52,21 @@ class RbdDriver:
         settings: dict[str, str] | None = None,
     ) -> None:
         self.definition = definition
-        self.pool = definition.pool or "rbd"
-        self.username = definition.username or "admin"
-        self.key = key
-        self.settings = {**DEFAULT_TIMEOUTS, **(settings or {})}
-        self._rados, self._rbd = bindings()
+        self.ceph = CephPool(definition, key, settings or {})
+        self.pool, self.username, self.key = self.ceph.pool, self.ceph.username, key
+        self._rbd = self.ceph.rbd
+        self._run = self.ceph.run
+        self._image = self.ceph.image
         self._features = self._rbd.RBD_FEATURE_LAYERING
-        self._connect_lock = threading.Lock()
-        self._cluster: Any = None
-        self._ioctx: Any = None
+        # Sizes of template bases' snapshots: a base is never resized, so a clone need not open
+        # its base again. Entries go when a base is freed or renamed, here or on another node.
+        self._base_sizes: dict[tuple[str, str], int] = {}
 
-    # Connection and error mapping --------------------------------------------------------
-
-    def _io(self) -> Any:
-        with self._connect_lock:
-            if self._ioctx is None:
-                conf = {"mon_host": ",".join(self.definition.monhost), **self.settings}
-                if self.key:
-                    conf["key"] = self.key
-                cluster = self._rados.Rados(rados_id=self.username, conffile=None, conf=conf)
-                try:
-                    cluster.connect(timeout=int(self.settings["client_mount_timeout"]))
-                    self._ioctx = cluster.open_ioctx(self.pool)
-                except BaseException:
-                    with contextlib.suppress(self._rados.Error):
-                        cluster.shutdown()
-                    raise
-                self._cluster = cluster
-            return self._ioctx
-
-    def _error(self, err: Exception, what: str) -> RucherError:
-        rados, rbd = self._rados, self._rbd
-        table: list[tuple[tuple[type[BaseException], ...], ErrorCode]] = [
-            ((rbd.ImageNotFound, rados.ObjectNotFound), ErrorCode.NOT_FOUND),
-            ((rbd.ImageExists, rados.ObjectExists), ErrorCode.EXISTS),
-            ((rbd.ImageBusy, rbd.ImageHasSnapshots, rados.ObjectBusy), ErrorCode.CONFLICT),
-            ((rbd.InvalidArgument, rados.InvalidArgumentError), ErrorCode.INVALID),
-            ((rbd.NoSpace, rados.NoSpace, rbd.DiskQuotaExceeded), ErrorCode.INVALID),
-            ((rados.PermissionDeniedError, rados.PermissionError, rbd.PermissionError),
-             ErrorCode.UNAVAILABLE),
-            ((rados.TimedOut, rados.ConnectionShutdown, rbd.Timeout, rbd.ConnectionShutdown,
-              rados.InterruptedOrTimeoutError), ErrorCode.UNAVAILABLE),
-        ]  # fmt: skip
-        code = next((code for kinds, code in table if isinstance(err, kinds)), ErrorCode.INTERNAL)
-        return RucherError(code, f"{what}: {err}", details={"storage": self.definition.storage})
-
-    async def _run(self, what: str, work: Callable[[Any], T]) -> T:
-        """Run ``work(ioctx)`` in a thread, turning library errors into :class:`RucherError`."""
-
-        def call() -> T:
-            try:
-                return work(self._io())
-            except (self._rados.Error, self._rbd.Error) as err:
-                raise self._error(err, what) from err
-
-        return await asyncio.to_thread(call)
-
-    @contextlib.contextmanager
-    def _image(
-        self, ioctx: Any, name: str, *, snapshot: str | None = None, read_only: bool = False
-    ) -> Iterator[Any]:
-        image = self._rbd.Image(ioctx, name, snapshot=snapshot, read_only=read_only)
-        try:
-            yield image
-        finally:
-            image.close()
+    def forget(self, name: str) -> None:
+        """Drop what is cached about a volume (freed or renamed here or elsewhere)."""
+        image = volnames.parse(TYPE, name).name
+        for key in [key for key in self._base_sizes if key[0] == image]:
+            del self._base_sizes[key]
 
     # Names --------------------------------------------------------------------------------
 
@@ -197,17 +117,12 @@ class RbdDriver:
     async def status(self) -> Capacity:
         """The pool's stored bytes and what may still be stored, from the cluster's ``df``."""
 
-        def measure(ioctx: Any) -> Capacity:
-            command = json.dumps({"prefix": "df", "format": "json"})
-            result, out, message = self._cluster.mon_command(command, b"", timeout=10)
-            if result != 0:
-                raise RucherError(ErrorCode.UNAVAILABLE, f"ceph df failed: {message}")
-            for pool in json.loads(out)["pools"]:
-                if pool["name"] == self.pool:
-                    stats = pool["stats"]
-                    used, avail = int(stats["stored"]), int(stats["max_avail"])
-                    return Capacity(total=used + avail, used=used, avail=avail)
-            return Capacity(total=0, used=0, avail=0, active=False)
+        def measure(_ioctx: Any) -> Capacity:
+            stats = self.ceph.df()
+            if stats is None:
+                return Capacity(total=0, used=0, avail=0, active=False)
+            used, avail = int(stats["stored"]), int(stats["max_avail"])
+            return Capacity(total=used + avail, used=used, avail=avail)
 
         try:
             return await self._run("ceph df", measure)
@@ -334,37 +249,43 @@ class RbdDriver:
         snap = snapshot or BASE_SNAPSHOT
         disk = NewDisk(vmid=vmid, size=0, format=DiskFormat.RAW.value, name=target)
 
-        def clone(ioctx: Any) -> Volume:
+        def base_size(ioctx: Any) -> int:
             with self._image(ioctx, vol.name, snapshot=snap, read_only=True) as base:
-                size = base.size()
-            if snap != BASE_SNAPSHOT:
-                with self._image(ioctx, vol.name) as base:
-                    if not base.is_protected_snap(snap):
-                        base.protect_snap(snap)
+                if snap != BASE_SNAPSHOT and not base.is_protected_snap(snap):
+                    with self._image(ioctx, vol.name) as writable:
+                        writable.protect_snap(snap)  # clones need a protected snapshot
+                return int(base.size())
 
+        def clone(ioctx: Any) -> str:
             def make(child: str) -> None:
                 self._rbd.RBD().clone(ioctx, vol.name, snap, ioctx, child, features=self._features)
 
-            child = self._create_named(ioctx, disk, make)
-            return Volume(
-                name=f"{vol.name}/{child}",
-                content=ContentType.IMAGES,
-                format=DiskFormat.RAW.value,
-                size=size,
-                vmid=vmid,
-                parent=vol.name,
-            )
+            return self._create_named(ioctx, disk, make)
 
+        what = f"clone {name}@{snap}"
         try:
-            return await self._run(f"clone {name}@{snap}", clone)
+            size = self._base_sizes.get((vol.name, snap))
+            if size is None:  # also protects a named snapshot, before any clone of it
+                size = await self._run(what, base_size)
+                self._base_sizes[(vol.name, snap)] = size
+            child = await self._run(what, clone)
         except RucherError as err:
             if err.code is ErrorCode.NOT_FOUND:
+                self.forget(name)
                 raise RucherError(
                     ErrorCode.NOT_FOUND,
                     f"base '{self._volid(name)}' or its snapshot '{snap}' does not exist",
                     details={"field": "snapname" if snapshot else "volid"},
                 ) from err
             raise
+        return Volume(
+            name=f"{vol.name}/{child}",
+            content=ContentType.IMAGES,
+            format=DiskFormat.RAW.value,
+            size=size,
+            vmid=vmid,
+            parent=vol.name,
+        )
 
     async def copy(self, name: str, snapshot: str | None, disk: NewDisk) -> Volume:
         """A full, independent copy (``rbd copy``) of an image or one of its snapshots."""
@@ -448,6 +369,7 @@ class RbdDriver:
             raise
         if clones:
             raise _in_use(self._volid(name), clones)
+        self.forget(name)
         await self._remove(vol.name)
 
     async def resize(self, name: str, size: int) -> Volume:
@@ -520,6 +442,7 @@ class RbdDriver:
         if vol.is_base:
             raise invalid(f"'{self._volid(name)}' is already a base volume")
         base_name = vol.name.replace("vm-", "base-", 1)
+        self.forget(base_name)
 
         def make_base(ioctx: Any) -> Volume:
             self._rbd.RBD().rename(ioctx, vol.name, base_name)
@@ -585,16 +508,7 @@ class RbdDriver:
 
     async def close(self) -> None:
         """Close the pool and the cluster connection."""
-
-        def shutdown() -> None:
-            with self._connect_lock:
-                if self._ioctx is not None:
-                    self._ioctx.close()
-                if self._cluster is not None:
-                    self._cluster.shutdown()
-                self._ioctx = self._cluster = None
-
-        await asyncio.to_thread(shutdown)
+        await self.ceph.close()
 
 
 def _in_use(volid: str, clones: list[str], field: str = "volid") -> RucherError:
