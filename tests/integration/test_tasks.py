@@ -173,7 +173,7 @@ async def test_bad_task_identifiers_are_refused(nats_server):
         await runner.close()
 
 
-def _start_worker(url: str, state: Path) -> subprocess.Popen[bytes]:
+def _start_worker(url: str, state: Path, grace: float = 10) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "RUCHER_NATS_URL": url,
@@ -181,6 +181,7 @@ def _start_worker(url: str, state: Path) -> subprocess.Popen[bytes]:
         "RUCHER_STATE_DIR": str(state),
         "RUCHER_REGISTRY_TTL": "2",
         "RUCHER_LOG_FORMAT": "json",
+        "RUCHER_SHUTDOWN_GRACE": str(grace),
     }
     return subprocess.Popen(
         [sys.executable, "-m", "tests.integration.worker_service"],
@@ -244,3 +245,22 @@ async def test_a_service_drains_and_deregisters_on_sigterm(nats_server, tmp_path
 
 async def _has_instance(registry: ServiceRegistry, service: str) -> bool:
     return bool(await registry.instances(service=service))
+
+
+@pytest.mark.slow
+async def test_a_service_whose_nats_died_still_stops_on_sigterm(nats_server, tmp_path):
+    worker = _start_worker(nats_server.url, tmp_path, grace=2)
+    try:
+        async with connected(nats_server.url, service="observer") as bus:
+            await request_sleep(bus, "w1", 3600)  # a task that will have to be interrupted
+        nats_server.kill()
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        # Bounded: the task's grace, one more grace for its end, short best-effort steps.
+        assert worker.wait(timeout=30) == 0
+        assert time.monotonic() - started < 2 + 2 + 3 + 3 + 5
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -231,14 +232,23 @@ class Bus:
     async def close(self, *, grace: float = 10.0) -> None:
         """Stop serving, let in-flight handlers finish (up to ``grace`` s), then drain."""
         if self._micro is not None:
-            await self._micro.stop()
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._micro.stop()
         if self._handler_tasks:
             await asyncio.wait(self._handler_tasks, timeout=grace)
-        if not self.nc.is_closed:
-            try:
-                await self.nc.drain()
-            except (nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError):
-                await self.nc.close()
+        if self.nc.is_closed:
+            return
+        if self.nc.is_connected:
+            with contextlib.suppress(nats.errors.Error, TimeoutError, OSError):
+                async with asyncio.timeout(grace):
+                    await self.nc.drain()
+            if self.nc.is_closed:
+                return
+        # Not connected (draining would wait for a reconnect that may never come), or the
+        # drain failed: close, whatever state the socket is in.
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await self.nc.close()
 
 
 # While a NATS node fails over, a stream has no leader for a few seconds (4-10 s measured here

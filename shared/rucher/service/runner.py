@@ -24,6 +24,7 @@ from rucher.tasks import TaskReaper, TaskRunner
 log = structlog.get_logger("rucher.service")
 
 CONNECT_PATIENCE = 60.0
+STEP_PATIENCE = 3.0
 Cleanup = Callable[[], Awaitable[None]]
 
 
@@ -119,14 +120,27 @@ async def run_service(
         await context.stopping.wait()
     finally:
         log.info("service_stopping")
-        for cleanup in reversed(context._cleanups):
-            with contextlib.suppress(RucherError):
-                await cleanup()
-        await tasks.close(settings.shutdown_grace)
-        await reaper.stop()
-        await lease_box[0].release()
-        await bus.close(grace=settings.shutdown_grace)
+        await _shut_down(context, reaper, lease_box[0])
         log.info("service_stopped")
+
+
+async def _shut_down(context: ServiceContext, reaper: TaskReaper, lease: Lease) -> None:
+    """Stop in order, each step bounded: a NATS that is gone must not keep the process alive.
+
+    Running tasks get the grace period; deregistering is best effort (the lease expires by
+    itself); the connection is drained if NATS is reachable and closed otherwise.
+    """
+    grace = context.settings.shutdown_grace
+    for cleanup in reversed(context._cleanups):
+        with contextlib.suppress(RucherError, TimeoutError):
+            async with asyncio.timeout(grace):
+                await cleanup()
+    await context.tasks.close(grace)
+    for step in (reaper.stop, lease.release):
+        with contextlib.suppress(RucherError, TimeoutError):
+            async with asyncio.timeout(STEP_PATIENCE):
+                await step()
+    await context.bus.close(grace=grace)
 
 
 def main(service: str, setup: Setup, *, version: str = "0.1.0") -> None:

@@ -228,7 +228,12 @@ class TaskRunner:
             for task in pending:
                 task.cancel()
             if pending:
-                await asyncio.wait(pending)
+                # Each interrupted task records its end; if NATS is gone that cannot happen,
+                # and after another grace period the reaper ends them once this worker's
+                # registration expires.
+                _, stuck = await asyncio.wait(pending, timeout=grace)
+                for task in stuck:
+                    task.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
