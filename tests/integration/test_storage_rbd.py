@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import json
 import subprocess
+import sys
 import time
 
 import pytest
@@ -302,3 +303,36 @@ async def test_a_base_recreated_on_another_node_is_cloned_with_its_new_size(bus,
         assert clone.size == 32 * MIB
     finally:
         stop_storage(other)
+
+
+@pytest.mark.slow
+def test_a_cluster_following_the_dev_stack_stops_when_the_stack_does(tmp_path):
+    from rucher.testing.ceph import CephCluster, ceph_unavailable
+
+    if (reason := ceph_unavailable()) is not None:
+        pytest.skip(f"Ceph unavailable: {reason}")
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                              "rucher.testing.stack"])  # fmt: skip
+    pid_file = tmp_path / "supervisor.pid"
+    pid_file.write_text(f"{owner.pid}\n")
+    root = tmp_path / "ceph"
+    up = subprocess.run([sys.executable, "-m", "rucher.testing.ceph", "up", "--root", str(root),
+                         "--print-conf", "--follow", str(pid_file)],
+                        capture_output=True, text=True, check=False, timeout=90)  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stderr
+        assert up.stdout.strip() == str(root / "ceph.conf")
+        cluster = CephCluster.load(root)
+        time.sleep(1.5)
+        assert cluster.running  # the owner lives: Ceph stays
+
+        owner.kill()
+        owner.wait()
+        deadline = time.monotonic() + 15
+        while (cluster.running or root.exists()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not cluster.running and not root.exists()
+    finally:
+        owner.kill()
+        if root.exists():
+            CephCluster.load(root).stop()

@@ -6,7 +6,9 @@ logs) inside ``root`` so several clusters can run side by side. The manager is w
 usage (``ceph df``) available; RBD itself works without it. ``stop`` ends the OSD first (else it
 stalls on shutdown), then the manager, then the monitor. The cluster is described in
 ``root/cluster.json`` so ``python -m rucher.testing.ceph up|down|status`` (behind ``ops/ceph``)
-can act on it from another process. The ``ceph_cluster`` pytest fixture runs one per session.
+can act on it from another process; ``up --follow PIDFILE`` binds the cluster's life to the
+process that file names (the dev stack's supervisor: ``ops/down`` then stops Ceph too). The
+``ceph_cluster`` pytest fixture runs one per session.
 """
 
 # ruff: noqa: T201 - a command-line tool: printing is how it answers.
@@ -20,6 +22,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -33,13 +36,15 @@ from typing import Any
 import pytest
 
 from rucher.testing.nats import free_port
-from rucher.testing.process import ManagedProcess
+from rucher.testing.process import ManagedProcess, is_same_process_alive, process_start_ticks
 
 DAEMONS = ("ceph-mon", "ceph-osd", "ceph-mgr", "monmaptool", "ceph", "rados")
 PACKAGES = "ceph-mon ceph-osd ceph-mgr python3-rados python3-rbd"
 READY_TIMEOUT = 60.0
 COMMAND_TIMEOUT = 30.0
 STATE_FILE = "cluster.json"
+FOLLOWER_FILE = "follower.pid"
+FOLLOW_PATIENCE = 120.0
 ADMIN = "client.admin"
 MEMSTORE_BYTES = 1 << 30
 
@@ -364,16 +369,70 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephClust
         cluster.stop()
 
 
+def _owner_alive(pid_file: Path) -> bool:
+    """Whether the process ``pid_file`` names runs (and is a dev stack supervisor)."""
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return False
+    return b"rucher.testing.stack" in cmdline and is_same_process_alive(pid, None)
+
+
+def follow(root: Path, pid_file: Path, patience: float = FOLLOW_PATIENCE) -> int:
+    """Stop the cluster (and remove its folder) once the owner named in ``pid_file`` is gone.
+
+    The owner may appear up to ``patience`` seconds late (``ops/up`` starts Ceph first). Ends
+    at once if the cluster is stopped by other means; SIGTERM stops the cluster too.
+    """
+    cluster = CephCluster.load(root)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    seen, started = False, time.monotonic()
+    try:
+        while cluster.running:
+            if _owner_alive(pid_file):
+                seen = True
+            elif seen or time.monotonic() - started > patience:
+                break
+            time.sleep(0.5)
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def _start_follower(root: Path, pid_file: Path) -> None:
+    """A detached ``follow`` process for the cluster in ``root``, unless one runs."""
+    record = root / "run" / FOLLOWER_FILE
+    try:
+        pid, ticks = (int(field) for field in record.read_text().split())
+        if is_same_process_alive(pid, ticks):
+            return
+    except (OSError, ValueError):
+        pass
+    argv = [sys.executable, "-m", "rucher.testing.ceph", "follow", "--root", str(root),
+            "--follow", str(pid_file)]  # fmt: skip
+    with (root / "log" / "follow.out").open("ab") as out:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    record.write_text(f"{process.pid} {process_start_ticks(process.pid)}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``up``, ``down [--purge]``, ``status`` on one cluster folder."""
+    """Command line: ``up [--follow PIDFILE]``, ``down [--purge]``, ``status``, ``follow``."""
     parser = argparse.ArgumentParser(prog="rucher.testing.ceph", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("command", choices=["up", "down", "status", "follow"])
     parser.add_argument("--root", type=Path, required=True, help="the cluster's folder")
     parser.add_argument("--host", default="127.0.0.1", help="the address daemons listen on")
     parser.add_argument("--purge", action="store_true", help="down: remove the folder too")
     parser.add_argument("--print-conf", action="store_true", help="up: print only the conf path")
+    parser.add_argument("--follow", type=Path, help="up: stop when this pid file's owner ends")
     args = parser.parse_args(argv)
     root: Path = args.root.resolve()
+    if args.command == "follow":
+        return follow(root, args.follow)
     known = (root / STATE_FILE).is_file()
     cluster = CephCluster.load(root) if known else CephCluster(root, host=args.host)
     if args.command == "up":
@@ -390,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
             cluster.start()
             if not args.print_conf:
                 print(f"Ceph is up in {time.monotonic() - started:.1f} s.")
+        if args.follow is not None:
+            _start_follower(root, args.follow.resolve())
         if args.print_conf:
             print(cluster.conf)
         else:
