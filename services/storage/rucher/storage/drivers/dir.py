@@ -481,14 +481,18 @@ class DirDriver:
     async def file_target(self, content: ContentType, filename: str) -> Path:
         """Where an ISO or template named ``filename`` goes; ``exists`` when one is there."""
         vol = volnames.file_volume(content, filename, "filename")
-        await asyncio.to_thread(self._activate)
         path = self._file(vol)
-        if path.exists():
-            raise RucherError(
-                ErrorCode.EXISTS,
-                f"refusing to override existing file '{self._volid(vol)}'",
-                details={"field": "filename"},
-            )
+
+        def check() -> None:
+            self._activate()
+            if path.exists():
+                raise RucherError(
+                    ErrorCode.EXISTS,
+                    f"refusing to override existing file '{self._volid(vol)}'",
+                    details={"field": "filename"},
+                )
+
+        await asyncio.to_thread(check)
         return path
 
     def forget(self, name: str) -> None:
