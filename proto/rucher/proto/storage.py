@@ -165,7 +165,7 @@ class StorageDefinitionCreate(Command, frozen=True, kw_only=True, tag="storage.d
 
 
 class StorageDefinitionUpdate(Command, frozen=True, kw_only=True, tag="storage.definition.update"):
-    """Replace a storage definition, if it still has ``digest``; a ``keyring`` replaces the secret."""
+    """Replace a storage definition if it still has ``digest``; ``keyring`` replaces the secret."""
 
     definition: StorageDefinition
     digest: Digest | None = None
