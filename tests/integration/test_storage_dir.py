@@ -165,9 +165,16 @@ async def test_a_repeated_command_is_applied_once(bus, local):
     command_id = cid()
     first = await allocate(bus, 120, command_id=command_id)
     again = await allocate(bus, 120, command_id=command_id)
+    twice = cid()
+    both = await asyncio.gather(allocate(bus, 120, command_id=twice),
+                                allocate(bus, 120, command_id=twice))  # fmt: skip
 
-    assert first.volid == again.volid
-    assert [p.name for p in (local / "images/120").iterdir()] == ["vm-120-disk-0.raw"]
+    assert first.volid == again.volid == "local:120/vm-120-disk-0.raw"
+    assert both[0].volid == both[1].volid == "local:120/vm-120-disk-1.raw"
+    assert sorted(p.name for p in (local / "images/120").iterdir()) == [
+        "vm-120-disk-0.raw",
+        "vm-120-disk-1.raw",
+    ]
 
 
 async def test_resize_grows_and_never_shrinks(bus, local):

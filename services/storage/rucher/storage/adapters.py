@@ -10,8 +10,9 @@ import asyncio
 import base64
 import contextlib
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
@@ -44,6 +45,9 @@ T = TypeVar("T", bound=msgspec.Struct)
 R = TypeVar("R", bound=msgspec.Struct)
 
 CAS_ATTEMPTS = 5
+# How long background writes (events, applied-command records) wait, so that the reply which
+# caused them reaches the NATS server first.
+AFTER_REPLY = 0.002
 
 
 def _not_found(storage: str) -> RucherError:
@@ -148,29 +152,38 @@ class KvGuestDirectory:
 
 
 class BusEvents:
-    """Publishes events in the background; failures are logged, never raised to callers."""
+    """Publishes events in order, just after the reply that caused them has gone out.
+
+    A reply waits for nothing but the work itself: events (and the records of applied commands)
+    are queued, and one worker publishes them a moment later. Failures are logged, never raised.
+    """
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
-        self._pending: set[asyncio.Task[None]] = set()
+        self._queue: asyncio.Queue[tuple[Address[Any], msgspec.Struct]] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
 
     def emit(self, address: Address[E], event: E) -> None:
-        """Publish without delaying the caller's reply."""
+        """Queue ``event`` for ``address``."""
+        self._queue.put_nowait((address, event))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._publish())
 
-        async def publish() -> None:
+    async def _publish(self) -> None:
+        while not self._queue.empty():
+            await asyncio.sleep(AFTER_REPLY)
+            address, event = self._queue.get_nowait()
             try:
                 await self.bus.publish(address, event)
             except (RucherError, nats.errors.Error, nats.js.errors.Error) as err:
                 log.warning("event_not_published", subject=address.subject, error=repr(err))
-
-        task = asyncio.create_task(publish())
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+            finally:
+                self._queue.task_done()
 
     async def drain(self) -> None:
-        """Wait for events still being published."""
-        if self._pending:
-            await asyncio.wait(self._pending, timeout=5.0)
+        """Wait (up to 5 s) for the events still queued."""
+        if self._worker is not None and not self._worker.done():
+            await asyncio.wait([self._worker], timeout=5.0)
 
 
 async def follow_volume_changes(
@@ -301,11 +314,19 @@ class HttpFetcher:
 
 
 class AppliedReplies:
-    """The reply given to each command id, so a retried command is not applied twice."""
+    """The reply given to each command id, so a retried command is not applied twice.
 
-    def __init__(self, bus: Bus) -> None:
+    Replies live in the ``idempotency`` bucket (written just after answering) and, for the
+    repeats that reach this process at once, in memory: a repeat of a command still running
+    waits for its outcome, a repeat of one just answered gets the same reply.
+    """
+
+    def __init__(self, bus: Bus, *, remembered: int = 4096) -> None:
         self.kv: KV[AppliedCommand] = KV(bus, IDEMPOTENCY, AppliedCommand)
         self.applier = "storage"
+        self.remembered = remembered
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
+        self._running: dict[str, asyncio.Future[bytes]] = {}
         self._pending: set[asyncio.Task[None]] = set()
 
     def once(
@@ -317,17 +338,39 @@ class AppliedReplies:
             command_id = getattr(message, "command_id", None)
             if command_id is None:
                 return await operation(message)
-            known = await self.known(command_id)
-            if known is not None:
-                return decode(known, subject.reply)
-            reply = await operation(message)
-            # Recorded after answering: a retry only comes after the caller's timeout.
-            task = asyncio.create_task(self.record(command_id, encode(reply)))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            if command_id in self._recent:
+                return decode(self._recent[command_id], subject.reply)
+            if command_id in self._running:
+                return decode(await asyncio.shield(self._running[command_id]), subject.reply)
+            outcome: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            self._running[command_id] = outcome
+            try:
+                known = await self.known(command_id)
+                reply = decode(known, subject.reply) if known is not None else None
+                if reply is None:
+                    reply = await operation(message)
+                    task = asyncio.create_task(self.record(command_id, encode(reply), AFTER_REPLY))
+                    self._pending.add(task)
+                    task.add_done_callback(self._pending.discard)
+                self._remember(command_id, encode(reply))
+                outcome.set_result(self._recent[command_id])
+            except asyncio.CancelledError:
+                outcome.cancel()
+                raise
+            except BaseException as err:
+                outcome.set_exception(err)
+                outcome.exception()  # a repeat may not be waiting: do not warn about it
+                raise
+            finally:
+                del self._running[command_id]
             return reply
 
         return handle
+
+    def _remember(self, command_id: str, reply: bytes) -> None:
+        self._recent[command_id] = reply
+        while len(self._recent) > self.remembered:
+            self._recent.popitem(last=False)
 
     def _key(self, command_id: str) -> str:
         return make_key(self.applier, command_id)
@@ -337,8 +380,9 @@ class AppliedReplies:
         entry = await self.kv.get(self._key(command_id))
         return entry.value.reply if entry is not None and entry.value is not None else None
 
-    async def record(self, command_id: str, reply: bytes) -> None:
+    async def record(self, command_id: str, reply: bytes, delay: float = 0.0) -> None:
         """Remember the reply (best effort: a lost record only weakens de-duplication)."""
+        await asyncio.sleep(delay)
         record = AppliedCommand(applier=self.applier, time=time.time(), reply=reply)
         try:
             await self.kv.put(self._key(command_id), record)
