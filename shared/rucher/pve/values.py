@@ -115,6 +115,22 @@ def _volume(*, qm_path: bool, absolute: bool) -> FormatCheck:
     return check
 
 
+def _portal_dns(value: str) -> None:
+    """``host[:port]`` or ``[ipv6][:port]``, as PVE::Storage::Plugin's verify_portal_dns."""
+    host, port = value, ""
+    bracketed = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", value)
+    if bracketed:
+        host, port = bracketed[1], bracketed[2] or ""
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise InvalidValueError(f"invalid portal '{value}'")
+    try:
+        _address(host)
+    except InvalidValueError:
+        raise InvalidValueError(f"invalid portal '{value}'") from None
+
+
 def _mount_point(value: str) -> None:
     if re.search(r"(?:^|/)\.\.?(?:/|$)", value):
         raise InvalidValueError(f"{value} contains illegal character sequences")
@@ -214,6 +230,18 @@ FORMATS: dict[str, FormatCheck] = {
     "pve-volume-id-or-qm-path": _volume(qm_path=True, absolute=True),
     "pve-volume-id-or-absolute-path": _volume(qm_path=False, absolute=True),
     "pve-lxc-mp-string": _mount_point,
+    # Storage definitions (POST/PUT /storage), as PVE::Storage::Plugin checks them.
+    "pve-storage-path": _matching(r"^/[^;()\0]*$", "invalid path '{value}'"),
+    "pve-storage-server": _address,
+    "pve-storage-portal-dns": _portal_dns,
+    "pve-storage-vgname": _matching(
+        r"^[a-zA-Z0-9.+_][a-zA-Z0-9.+_-]*$", "invalid volume group name '{value}'"
+    ),
+    "pve-storage-options": _matching(r"^[^\s\0]*$", "invalid options '{value}'"),
+    "pve-dir-override": _matching(
+        r"^(?:images|rootdir|vztmpl|iso|backup|snippets|import)=/?[^;()\s\0]+$",
+        "invalid content directory override '{value}'",
+    ),
 }
 
 

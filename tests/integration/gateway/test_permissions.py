@@ -10,10 +10,12 @@ open to every user (``user: all``) answer any authenticated caller, and the hand
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +32,7 @@ from rucher.tasks import TaskStore, UpidMinter
 from ..buses import connected
 from .stack import ADMIN, ADMIN_PASSWORD, NODE, Api, grant, logged_in, make_user, unique
 from .test_qemu_helpers import make_vm, next_vmid, start_agent, wait_agent
+from .test_storage_helpers import make_volume, start_storage, wait_storage
 
 pytestmark = pytest.mark.integration
 
@@ -45,6 +48,7 @@ class World:
 
     vmid: int
     upid: str
+    dirs: Path
 
 
 @dataclass
@@ -194,7 +198,40 @@ def _vm(**state: bool) -> Prepare:
     return prepare
 
 
+async def _new_storage(admin: Api, world: World) -> Params:
+    storage = unique("s")
+    return {"storage": storage, "type": "dir", "path": str(world.dirs / storage)}
+
+
+async def _storage(admin: Api, world: World) -> Params:
+    params = await _new_storage(admin, world)
+    assert (await admin.post("/storage", **params)).status == 200
+    return {"storage": params["storage"]}
+
+
+_disks = itertools.count(1)
+
+
+async def _new_volume(admin: Api, world: World) -> Params:
+    vmid = next_vmid()
+    return {"node": NODE, "storage": "local", "vmid": vmid, "filename": f"vm-{vmid}-disk-0",
+            "size": "1M"}  # fmt: skip
+
+
+async def _volume(admin: Api, world: World) -> Params:
+    volid = await make_volume(admin, next_vmid(), f"disk-{next(_disks)}")
+    return {"node": NODE, "storage": "local", "volume": volid}
+
+
+async def _download(admin: Api, world: World) -> Params:
+    return {"node": NODE, "storage": "local", "content": "iso", "filename": f"{unique('i')}.iso",
+            "url": "http://127.0.0.1:9/nothing.iso"}  # fmt: skip
+
+
 NODE_AUDIT = [(f"/nodes/{NODE}", ["Sys.Audit"])]
+LOCAL = {"node": NODE, "storage": "local"}
+# Volumes: the handler's check_volume_access, which Datastore.Allocate on the storage passes.
+VOLUME_ACCESS = [("/storage/local", ["Datastore.Allocate"])]
 
 CASES: dict[tuple[str, str], Case] = {
     ("GET", "/version"): Case(_nothing),
@@ -219,6 +256,21 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/nodes/{node}/qemu/{vmid}/status/reset"): Case(_vm(start=True)),
     ("POST", "/nodes/{node}/qemu/{vmid}/status/suspend"): Case(_vm(start=True)),
     ("POST", "/nodes/{node}/qemu/{vmid}/status/resume"): Case(_vm(paused=True)),
+    ("GET", "/storage"): Case(_nothing),
+    ("POST", "/storage"): Case(_new_storage),
+    ("GET", "/storage/{storage}"): Case(_storage),
+    ("PUT", "/storage/{storage}"): Case(_plus(_storage, content="images,iso")),
+    ("DELETE", "/storage/{storage}"): Case(_storage),
+    ("GET", "/nodes/{node}/storage"): Case(_fixed(node=NODE)),
+    ("GET", "/nodes/{node}/storage/{storage}/status"): Case(_fixed(**LOCAL)),
+    ("GET", "/nodes/{node}/storage/{storage}/content"): Case(_fixed(**LOCAL)),
+    ("POST", "/nodes/{node}/storage/{storage}/content"): Case(_new_volume),
+    ("GET", "/nodes/{node}/storage/{storage}/content/{volume}"): Case(_volume, VOLUME_ACCESS),
+    ("PUT", "/nodes/{node}/storage/{storage}/content/{volume}"): Case(
+        _plus(_volume, notes="matrix"), VOLUME_ACCESS
+    ),
+    ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}"): Case(_volume, VOLUME_ACCESS),
+    ("POST", "/nodes/{node}/storage/{storage}/download-url"): Case(_download),
     ("GET", "/cluster/status"): Case(_nothing),
     ("GET", "/cluster/resources"): Case(_nothing),
     ("GET", "/cluster/nextid"): Case(_nothing),
@@ -348,7 +400,7 @@ def world(stack) -> World:
                     event_id=unique("e"), node=NODE, time=time.time(), capacity=capacity
                 ),
             )
-            return World(vmid=guest.vmid, upid=upid)
+            return World(vmid=guest.vmid, upid=upid, dirs=stack.root / "dirs")
 
     return asyncio.run(build())
 
@@ -364,6 +416,23 @@ def compute_agent(stack, world) -> None:
         admin = await logged_in(stack, ADMIN, ADMIN_PASSWORD)
         try:
             await wait_agent(admin)
+        finally:
+            await admin.close()
+
+    asyncio.run(wait())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def storage_service(stack, world) -> None:
+    """The storage service of the node, its ``local`` storage in the stack's folder."""
+    import asyncio
+
+    start_storage(stack, stack.root / "local")
+
+    async def wait() -> None:
+        admin = await logged_in(stack, ADMIN, ADMIN_PASSWORD)
+        try:
+            await wait_storage(admin)
         finally:
             await admin.close()
 

@@ -17,7 +17,17 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rucher.gateway import dialect, openapi
-from rucher.gateway.routes import access, cluster, nodes, pools, qemu, tasks, users, version
+from rucher.gateway.routes import (
+    access,
+    cluster,
+    nodes,
+    pools,
+    qemu,
+    storage,
+    tasks,
+    users,
+    version,
+)
 from rucher.gateway.routing import API_PREFIX, Gateway, Handler, RouteTable, build_route
 
 OPENAPI_PATH = "/api2/openapi.json"
@@ -26,6 +36,7 @@ ROUTE_TABLES: tuple[RouteTable, ...] = (
     cluster.ROUTES,
     nodes.ROUTES,
     qemu.ROUTES,
+    storage.ROUTES,
     tasks.ROUTES,
     pools.ROUTES,
     access.ROUTES,

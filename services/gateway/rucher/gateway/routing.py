@@ -42,6 +42,8 @@ VIEW_PATIENCE = 1.0
 M = TypeVar("M", bound=msgspec.Struct)
 R = TypeVar("R", bound=msgspec.Struct)
 _AT_FIELD = re.compile(r"at `\$\.(\w+)")
+# Path parameters taken raw, slashes included: volume ids are ``local:100/vm-100-disk-0.qcow2``.
+RAW_PATH_PARAMS = ("volume",)
 
 
 class Rebuilds:
@@ -214,8 +216,11 @@ def build_route(endpoint: Endpoint, handler: Handler, gateway: Gateway) -> Route
             return err.response()
         return dialect.ok(data)
 
+    path = endpoint.path
+    for name in RAW_PATH_PARAMS:
+        path = path.replace(f"{{{name}}}", f"{{{name}:path}}")
     return Route(
-        API_PREFIX + endpoint.path,
+        API_PREFIX + path,
         serve,
         methods=[endpoint.method],
         name=f"{endpoint.method} {endpoint.path}",
