@@ -20,6 +20,13 @@ from rucher.proto.common import PowerState
 from rucher.proto.compute import DriftKind
 from rucher.proto.errors import ErrorCode
 from rucher.proto.guest import GuestLock, GuestRecord, GuestType
+from rucher.proto.storage import (
+    ContentType,
+    DiskFormat,
+    VolumeInfo,
+    VolumeMapping,
+    VolumeProtocol,
+)
 
 NODE = "n1"
 USER = "root@pam"
@@ -132,22 +139,82 @@ class Events:
         self.published.append(event)
 
 
+class FakeVolumes:
+    """The storage service's volume calls over a dict, named as a ``dir`` storage names them."""
+
+    def __init__(self, storages: Iterable[str] = ("local",)) -> None:
+        self.storages = set(storages)
+        self.volumes: dict[str, int] = {"local:iso/live.iso": 1 << 20}
+        self.calls: list[tuple[str, str]] = []
+        self.refuse_free: str | None = None
+
+    async def allocate(self, storage: str, vmid: int, size: int) -> VolumeInfo:
+        self.calls.append(("allocate", f"{storage}:{size}"))
+        if storage not in self.storages:
+            raise RucherError(ErrorCode.NOT_FOUND, f"storage '{storage}' does not exist")
+        number = 0
+        while f"{storage}:{vmid}/vm-{vmid}-disk-{number}.qcow2" in self.volumes:
+            number += 1
+        volid = f"{storage}:{vmid}/vm-{vmid}-disk-{number}.qcow2"
+        self.volumes[volid] = -(-size // 1024) * 1024
+        return VolumeInfo(
+            volid=volid, content=ContentType.IMAGES, format="qcow2", size=self.volumes[volid]
+        )
+
+    async def free(self, volid: str) -> None:
+        self.calls.append(("free", volid))
+        if volid == self.refuse_free:
+            raise RucherError(ErrorCode.INVALID, f"volume '{volid}' is protected")
+        if self.volumes.pop(volid, None) is None:
+            raise RucherError(ErrorCode.NOT_FOUND, f"volume '{volid}' does not exist")
+
+    async def map(self, volid: str) -> VolumeMapping:
+        self.calls.append(("map", volid))
+        if volid not in self.volumes:
+            raise RucherError(ErrorCode.NOT_FOUND, f"volume '{volid}' does not exist")
+        path = f"/srv/{volid.replace(':', '/')}"
+        iso = volid.endswith(".iso")
+        fmt = DiskFormat.RAW if iso else DiskFormat.QCOW2
+        device = "cdrom" if iso else "disk"
+        readonly = "<readonly/>" if iso else ""
+        return VolumeMapping(
+            volid=volid,
+            protocol=VolumeProtocol.FILE,
+            path=path,
+            format=fmt,
+            libvirt_source=f"<source file='{path}'/>",
+            libvirt_disk=(
+                f"<disk type='file' device='{device}'><driver name='qemu' type='{fmt}'/>"
+                f"<source file='{path}'/>{readonly}</disk>"
+            ),
+        )
+
+
 @dataclass
 class World:
     hypervisor: FakeHypervisor
     guests: MemoryGuests
     tasks: InlineTasks
     events: Events
+    volumes: FakeVolumes
     service: ComputeService
 
 
 @pytest.fixture
 def world() -> World:
     hypervisor, guests, tasks, events = FakeHypervisor(), MemoryGuests(), InlineTasks(), Events()
+    volumes = FakeVolumes()
     service = ComputeService(
-        hypervisor, guests, tasks, events, node=NODE, facts=HostFacts(), shutdown_timeout=0.3
+        hypervisor,
+        guests,
+        tasks,
+        events,
+        volumes=volumes,
+        node=NODE,
+        facts=HostFacts(),
+        shutdown_timeout=0.3,
     )
-    return World(hypervisor, guests, tasks, events, service)
+    return World(hypervisor, guests, tasks, events, volumes, service)
 
 
 def create(vmid: int = 100, **config: str) -> compute.VmCreate:
@@ -206,12 +273,101 @@ async def test_a_taken_vmid_is_invalid_and_the_existing_guest_is_untouched(world
     assert world.guests.records[100] == before
 
 
-async def test_a_disk_to_allocate_needs_the_storage_service(world):
-    with pytest.raises(RucherError) as caught:
-        await world.service.create(create(scsi0="local:8"))
-    assert caught.value.code is ErrorCode.UNSUPPORTED
+async def test_new_disks_are_allocated_recorded_as_volume_ids_and_defined(world):
+    await world.service.create(
+        create(
+            scsi0="local:1,cache=writeback",
+            virtio1="local:0.5",
+            ide2="local:iso/live.iso,media=cdrom",
+        )
+    )
+    assert world.tasks.ended == [("qmcreate", "OK")]
+    config = world.guests.records[100].config
+    assert config["scsi0"] == "local:100/vm-100-disk-0.qcow2,cache=writeback,size=1G"
+    assert config["virtio1"] == "local:100/vm-100-disk-1.qcow2,size=512M"
+    assert config["ide2"] == "local:iso/live.iso,media=cdrom"
+    assert world.guests.records[100].lock is None
+    xml = world.hypervisor.domains_by_name["rucher-100"].xml
+    assert "/srv/local/100/vm-100-disk-0.qcow2" in xml
+    assert 'cache="writeback"' in xml
+    assert xml.count("<readonly />") == 1  # the ISO's, not twice
+
+
+async def test_a_refused_definition_frees_the_allocated_volumes(world):
+    world.hypervisor.refuse_define = "unsupported machine type"
+    await world.service.create(create(scsi0="local:1", scsi1="local:2"))
+    assert world.tasks.ended == [("qmcreate", "libvirt: unsupported machine type")]
+    assert world.guests.records == {}
+    assert list(world.volumes.volumes) == ["local:iso/live.iso"]
+    assert ("free", "local:100/vm-100-disk-1.qcow2") in world.volumes.calls
+
+
+async def test_an_allocation_that_fails_frees_the_ones_before_it(world):
+    await world.service.create(create(scsi0="local:1", scsi1="nosuch:1"))
+    assert world.tasks.ended == [("qmcreate", "storage 'nosuch' does not exist")]
+    assert world.guests.records == {}
+    assert list(world.volumes.volumes) == ["local:iso/live.iso"]
+
+
+@pytest.mark.parametrize(
+    ("disk", "message"),
+    [
+        ("local:100/vm-100-disk-9.qcow2", "does not exist"),
+        ("vm-100-disk-0.qcow2", "unable to parse volume ID"),
+    ],
+)
+async def test_an_unknown_volume_is_invalid_naming_the_disk_and_creates_nothing(
+    world, disk, message
+):
+    with pytest.raises(RucherError, match=message) as caught:
+        await world.service.create(create(scsi0=disk))
+    assert caught.value.code is ErrorCode.INVALID
     assert caught.value.details == {"field": "scsi0"}
     assert world.guests.records == {}
+    assert world.tasks.ended == []
+
+
+async def test_destroy_frees_the_guests_own_volumes_and_leaves_others(world):
+    world.volumes.volumes["local:200/vm-200-disk-0.qcow2"] = 1 << 30
+    await world.service.create(
+        create(
+            scsi0="local:1",
+            scsi1="local:200/vm-200-disk-0.qcow2",
+            ide2="local:iso/live.iso,media=cdrom",
+        )
+    )
+    await world.guests.update(100, changes={"unused0": "local:100/vm-100-disk-0.qcow2"})
+    await world.service.destroy(command(compute.VmDestroy, purge=True))
+    assert world.tasks.ended[-1] == ("qmdestroy", "OK")
+    assert sorted(world.volumes.volumes) == ["local:200/vm-200-disk-0.qcow2", "local:iso/live.iso"]
+    assert world.guests.records == {}
+
+
+async def test_a_volume_that_cannot_be_freed_does_not_stop_the_destroy(world):
+    await world.service.create(create(scsi0="local:1", scsi1="local:1"))
+    world.volumes.refuse_free = "local:100/vm-100-disk-0.qcow2"
+    await world.service.destroy(command(compute.VmDestroy))
+    assert world.tasks.ended[-1] == ("qmdestroy", "OK")
+    assert "local:100/vm-100-disk-0.qcow2" in world.volumes.volumes
+    assert "local:100/vm-100-disk-1.qcow2" not in world.volumes.volumes
+    assert world.guests.records == {}
+
+
+async def test_start_maps_the_volumes_again(world):
+    await world.service.create(create(scsi0="local:1"))
+    world.volumes.calls.clear()
+    await world.service.start(command(compute.VmStart))
+    assert world.volumes.calls == [("map", "local:100/vm-100-disk-0.qcow2")]
+
+
+async def test_a_new_disk_on_a_config_change_is_not_supported_yet(world):
+    await world.service.create(create())
+    with pytest.raises(RucherError) as caught:
+        await world.service.update_config(
+            command(compute.VmConfigUpdate, config={"scsi1": "local:1"})
+        )
+    assert caught.value.code is ErrorCode.UNSUPPORTED
+    assert caught.value.details == {"field": "scsi1"}
 
 
 async def test_a_refused_definition_undoes_the_registration_and_fails_the_task(world):
@@ -280,7 +436,13 @@ async def test_reconcile_removes_orphans_redefines_missing_and_undoes_interrupte
     await guests.register(
         guest_type=GuestType.QEMU, node=NODE, config={"memory": "128"}, vmid=301, lock=None
     )
-    await guests.register(guest_type=GuestType.QEMU, node=NODE, config={}, vmid=302)
+    world.volumes.volumes["local:302/vm-302-disk-0.qcow2"] = 1 << 30
+    await guests.register(
+        guest_type=GuestType.QEMU,
+        node=NODE,
+        config={"scsi0": "local:302/vm-302-disk-0.qcow2,size=1G", "scsi1": "local:1"},
+        vmid=302,
+    )
     drift = await reconcile(world.service)
     kinds = {event.vmid: event.kind for event in drift}
     assert kinds == {
@@ -290,6 +452,7 @@ async def test_reconcile_removes_orphans_redefines_missing_and_undoes_interrupte
     }
     assert set(hypervisor.domains_by_name) == {"someone-else", "rucher-301"}
     assert set(guests.records) == {301}
+    assert "local:302/vm-302-disk-0.qcow2" not in world.volumes.volumes
 
 
 async def test_capacity_reports_the_host(world):

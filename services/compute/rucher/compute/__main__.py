@@ -9,6 +9,7 @@ from typing import Any
 import structlog
 
 from rucher.bus import Bus, RucherError
+from rucher.bus.client import new_id
 from rucher.compute.config import ComputeSettings
 from rucher.compute.domain_xml import HostFacts
 from rucher.compute.drivers.libvirt import LibvirtHypervisor, kvm_usable
@@ -17,9 +18,22 @@ from rucher.compute.reconcile import reconcile
 from rucher.compute.service import ComputeService
 from rucher.guests import GuestRegistry
 from rucher.proto.base import Subject
+from rucher.proto.storage import (
+    VOLUME_ALLOCATE,
+    VOLUME_FREE,
+    VOLUME_MAP,
+    VolumeAllocate,
+    VolumeFree,
+    VolumeInfo,
+    VolumeMap,
+    VolumeMapping,
+)
 from rucher.service import ServiceContext, main
 
 log = structlog.get_logger("rucher.compute")
+
+# Allocating a large raw or preallocated disk can take a while on a slow filesystem.
+STORAGE_TIMEOUT = 120.0
 
 
 class BusEvents:
@@ -36,6 +50,34 @@ class BusEvents:
             log.warning("event_not_published", subject=subject.pattern, error=err.message)
 
 
+class BusVolumes:
+    """This node's storage service over the bus (``rpc.storage.volume_*.{node}``)."""
+
+    def __init__(self, bus: Bus, timeout: float = STORAGE_TIMEOUT) -> None:
+        self.bus = bus
+        self.timeout = timeout
+
+    async def allocate(self, storage: str, vmid: int, size: int) -> VolumeInfo:
+        """A new disk volume of ``size`` bytes owned by ``vmid``, named by the storage."""
+        command = VolumeAllocate(command_id=new_id(), storage=storage, vmid=vmid, size=size)
+        reply = await self.bus.request(
+            VOLUME_ALLOCATE.to(node=self.bus.node), command, timeout=self.timeout
+        )
+        return reply.volume
+
+    async def free(self, volid: str) -> None:
+        """Delete a volume."""
+        command = VolumeFree(command_id=new_id(), volid=volid)
+        await self.bus.request(VOLUME_FREE.to(node=self.bus.node), command, timeout=self.timeout)
+
+    async def map(self, volid: str) -> VolumeMapping:
+        """Where this node's hypervisor finds a volume, with its ``<disk>`` element."""
+        command = VolumeMap(command_id=new_id(), volid=volid)
+        return await self.bus.request(
+            VOLUME_MAP.to(node=self.bus.node), command, timeout=self.timeout
+        )
+
+
 async def setup(context: ServiceContext) -> None:
     """Connect libvirt, reconcile, publish capacity, then answer this node's compute subjects."""
     settings = ComputeSettings.from_env(context.settings)
@@ -47,6 +89,7 @@ async def setup(context: ServiceContext) -> None:
         GuestRegistry(context.bus),
         context.tasks,
         BusEvents(context.bus),
+        volumes=BusVolumes(context.bus),
         node=context.settings.node,
         facts=HostFacts(kvm=kvm, console_dir=str(settings.console_dir)),
         shutdown_timeout=settings.shutdown_timeout,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from typing import Any
 
 from rucher.bus import RucherError
+from rucher.compute.disks import VOLUME_ID
 from rucher.compute.domain_xml import (
     DISK_KEY,
     NET_KEY,
@@ -22,8 +22,8 @@ from rucher.compute.domain_xml import (
 from rucher.compute.drivers.interface import NodeFacts
 from rucher.proto.errors import ErrorCode
 
-# ``STORAGE:SIZE`` (GiB) asks for a new disk; anything else with a colon names a volume.
-NEW_DISK = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*:\d+(\.\d+)?$")
+# What a storage disk's element is while a config is only checked, before anything is mapped.
+STAND_IN = "<disk type='file'><source file='/dev/null'/></disk>"
 PROXMOX_OUI = "BC:24:11"
 NET_MODEL_KEYS = ("model", "macaddr")
 
@@ -33,8 +33,14 @@ def invalid(field: str, message: str) -> RucherError:
     return RucherError(ErrorCode.INVALID, message, details={"field": field})
 
 
-def disk_elements(config: Mapping[str, str]) -> dict[str, str]:
-    """``<disk>`` elements for the disks this node can attach without the storage service."""
+def disk_elements(
+    config: Mapping[str, str], volumes: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """``<disk>`` elements: host paths here, storage volumes from ``volumes`` (mapped by key).
+
+    Without ``volumes`` the config is only being checked: a storage disk (``STORAGE:SIZE`` or a
+    volume id) gets a stand-in element so the rest of its options are still checked.
+    """
     mapped: dict[str, str] = {}
     for key in (key for key in config if DISK_KEY.match(key)):
         options = _disk_options(key, config[key])
@@ -47,12 +53,12 @@ def disk_elements(config: Mapping[str, str]) -> dict[str, str]:
             ET.SubElement(disk, "source", {"dev" if kind == "block" else "file": path})
             mapped[key] = ET.tostring(disk, encoding="unicode")
             continue
-        what = "allocating a new disk" if NEW_DISK.match(path) else f"volume '{path}'"
-        raise RucherError(
-            ErrorCode.UNSUPPORTED,
-            f"{key}: {what} needs the storage service, which this cluster does not run yet",
-            details={"field": key},
-        )
+        if not VOLUME_ID.match(path):
+            raise invalid(key, f"{key}: unable to parse volume ID '{path}'")
+        if volumes is None:
+            mapped[key] = STAND_IN
+        elif key in volumes:
+            mapped[key] = volumes[key]
     return mapped
 
 
@@ -63,10 +69,19 @@ def _disk_options(key: str, value: str) -> dict[str, Any]:
         raise invalid(err.field, err.message) from err
 
 
-def render(vmid: int, config: Mapping[str, str], facts: HostFacts) -> str:
-    """The domain XML of ``config``, or ``invalid`` naming the first key at fault."""
+def render(
+    vmid: int,
+    config: Mapping[str, str],
+    facts: HostFacts,
+    volumes: Mapping[str, str] | None = None,
+) -> str:
+    """The domain XML of ``config``, or ``invalid`` naming the first key at fault.
+
+    ``volumes`` are the mapped storage disks by key; without them the config is only checked.
+    """
+    disks = disk_elements(config, volumes)
     try:
-        return domain_xml(DomainSpec(vmid=vmid, config=config, disks=disk_elements(config)), facts)
+        return domain_xml(DomainSpec(vmid=vmid, config=config, disks=disks), facts)
     except DomainConfigError as err:
         raise invalid(err.field, f"{err.field}: {err.message}") from err
 

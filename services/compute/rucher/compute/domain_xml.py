@@ -282,8 +282,8 @@ def _disk(devices: ET.Element, key: str, value: str, mapped: str | None, boot: i
     if _flag(options, "ssd") and not cdrom:
         target.set("rotation_rate", "1")
     _iotune(disk, options)
-    if cdrom or _flag(options, "ro"):
-        _sub(disk, "readonly")
+    if (cdrom or _flag(options, "ro")) and disk.find("readonly") is None:
+        _sub(disk, "readonly")  # the storage service's element of an ISO already has one
     if "serial" in options:
         _sub(disk, "serial", str(options["serial"]))
     if boot is not None:

@@ -22,7 +22,8 @@ async def reconcile(service: ComputeService) -> list[compute.VmDriftDetected]:
     A Rucher domain whose guest is unknown or owned by another node is a leftover of an
     interrupted create, destroy or migration: it is stopped and undefined. A document of this
     node without a domain gets its domain defined again from the config; one still locked
-    ``create`` without a domain is an interrupted create and is removed. Every guest's state is
+    ``create`` without a domain is an interrupted create and is removed with the volumes it
+    allocated. Every guest's state is
     published so the cluster's view starts right.
     """
     hypervisor, guests = service.hypervisor, service.guests
@@ -57,6 +58,7 @@ async def reconcile(service: ComputeService) -> list[compute.VmDriftDetected]:
             await service.state_changed(vmid, domains[vmid].state, None, None)
             continue
         if record.lock is GuestLock.CREATE:
+            await service.free_volumes(vmid, record.config, None)
             await guests.remove(vmid, lock_held=GuestLock.CREATE)
             await report(DriftKind.MISSING_DOMAIN, vmid, "interrupted create undone")
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ import structlog
 
 from rucher.bus import RucherError
 from rucher.bus.client import new_id
-from rucher.compute import admission
+from rucher.compute import admission, disks
+from rucher.compute.disks import VolumeStore
 from rucher.compute.domain_xml import HostFacts, domain_name, vmid_of
 from rucher.compute.drivers.interface import DomainInfo, Hypervisor
 from rucher.proto import compute
@@ -127,6 +129,7 @@ class ComputeService:
         tasks: TaskSubmitter,
         events: EventSink,
         *,
+        volumes: VolumeStore,
         node: str,
         facts: HostFacts,
         shutdown_timeout: float = 180.0,
@@ -136,6 +139,7 @@ class ComputeService:
         self.guests = guests
         self.tasks = tasks
         self.events = events
+        self.volumes = volumes
         self.node = node
         self.facts = facts
         self.shutdown_timeout = shutdown_timeout
@@ -174,9 +178,7 @@ class ComputeService:
         )
         await self.events.emit(compute.GUEST_STATE_CHANGED, event)
 
-    async def _submit(
-        self, kind: str, command: GuestCommand, body: TaskBody
-    ) -> TaskAccepted:
+    async def _submit(self, kind: str, command: GuestCommand, body: TaskBody) -> TaskAccepted:
         upid = await self.tasks.submit(
             task_type=kind,
             task_id=str(command.vmid),
@@ -187,8 +189,47 @@ class ComputeService:
         return TaskAccepted(upid=upid)
 
     async def define(self, record: GuestRecord) -> None:
-        """(Re)define a guest's domain from its current config."""
-        await self.hypervisor.define(admission.render(record.vmid, record.config, self.facts))
+        """(Re)define a guest's domain from its current config, its volumes mapped again."""
+        volumes = await self.map_volumes(record.config)
+        await self.hypervisor.define(
+            admission.render(record.vmid, record.config, self.facts, volumes)
+        )
+
+    async def map_volumes(self, config: Mapping[str, str]) -> dict[str, str]:
+        """The ``<disk>`` element of every storage volume of ``config``, by key.
+
+        A volume or storage the storage service does not know is ``invalid`` naming the key;
+        anything else (the service is down, a timeout) stays what it is, so callers may retry.
+        """
+        mapped: dict[str, str] = {}
+        for key, volid in disks.volume_ids(config).items():
+            try:
+                mapping = await self.volumes.map(volid)
+            except RucherError as err:
+                if err.code not in {ErrorCode.NOT_FOUND, ErrorCode.INVALID}:
+                    raise
+                raise admission.invalid(key, f"{key}: {err.message}") from err
+            if not mapping.libvirt_disk:
+                raise admission.invalid(key, f"{key}: volume '{volid}' is not a disk image")
+            mapped[key] = mapping.libvirt_disk
+        return mapped
+
+    async def free_volumes(
+        self, vmid: int, config: Mapping[str, str], task: TaskLog | None
+    ) -> None:
+        """Delete the volumes ``vmid`` owns; one that cannot go is reported and left (Proxmox)."""
+        for volid in disks.owned_volumes(config, vmid):
+            try:
+                await self.volumes.free(volid)
+            except RucherError as err:
+                log.warning("volume_not_freed", vmid=vmid, volid=volid, error=err.message)
+                if task is not None:
+                    await task.log(
+                        f"Could not remove disk '{volid}', check manually: {err.message}"
+                    )
+                continue
+            if task is not None:
+                await task.log(f"removed volume '{volid}'")
 
     async def _wait_stopped(self, vmid: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -203,7 +244,7 @@ class ComputeService:
     async def create(self, command: compute.VmCreate) -> TaskAccepted:
         """Check the config, take the VMID (locked ``create``), then define it in a task."""
         config = dict(command.config)
-        xml = admission.render(command.vmid, config, self.facts)
+        admission.render(command.vmid, config, self.facts)
         admission.check_node(config, await self.hypervisor.node(), await self.hypervisor.bridges())
         config = admission.with_macs(config)
         try:
@@ -213,6 +254,7 @@ class ComputeService:
                 raise
         else:
             raise admission.invalid("vmid", f"VM {command.vmid} already exists")
+        existing = await self.map_volumes(config)
         try:
             await self.guests.register(
                 guest_type=GuestType.QEMU, node=self.node, config=config, vmid=command.vmid
@@ -221,7 +263,6 @@ class ComputeService:
             if taken.code is ErrorCode.EXISTS:
                 raise admission.invalid("vmid", taken.message) from taken
             raise
-        xml = admission.render(command.vmid, config, self.facts)
 
         async def body(task: TaskLog) -> None:
             name = domain_name(command.vmid)
@@ -230,6 +271,11 @@ class ComputeService:
             ]
             done = False
             try:
+                volumes = {
+                    **existing,
+                    **await self._allocate(command.vmid, config, task, undo),
+                }
+                xml = admission.render(command.vmid, config, self.facts, volumes)
                 await task.log(f"defining VM {command.vmid} as libvirt domain {name}")
                 await self.hypervisor.define(xml)
                 undo.append(lambda: self.hypervisor.undefine(name))
@@ -260,8 +306,37 @@ class ComputeService:
             await _undo([lambda: self.guests.remove(command.vmid, lock_held=GuestLock.CREATE)])
             raise
 
+    async def _allocate(
+        self,
+        vmid: int,
+        config: dict[str, str],
+        task: TaskLog,
+        undo: list[Callable[[], Awaitable[None]]],
+    ) -> dict[str, str]:
+        """Allocate each ``STORAGE:SIZE`` disk of ``config`` and map it.
+
+        Each volume id goes into ``config`` and the guest's document at once, so an interrupted
+        create still knows what it made; freeing it is an undo step.
+        """
+        allocated: dict[str, str] = {}
+        for request in disks.requested(config):
+            volume = await self.volumes.allocate(request.storage, vmid, request.size)
+            undo.append(functools.partial(self.volumes.free, volume.volid))
+            config[request.key] = disks.recorded(config[request.key], volume.volid, volume.size)
+            allocated[request.key] = config[request.key]
+            await task.log(f"{request.key}: allocated volume '{volume.volid}'")
+            await self.guests.update(
+                vmid, changes={request.key: config[request.key]}, lock_held=GuestLock.CREATE
+            )
+        return await self.map_volumes(allocated)
+
     async def destroy(self, command: compute.VmDestroy) -> TaskAccepted:
-        """Remove a stopped VM's domain and document (``purge`` has nothing more here yet)."""
+        """Remove a stopped VM's domain, the volumes it owns and its document.
+
+        Like ``qm destroy``, the guest's own disks go whether or not ``purge`` is set (``purge``
+        is about backup jobs, replication and HA, which do not exist here yet); ISOs and other
+        guests' volumes stay.
+        """
         await self._owned(command.vmid, skiplock=command.skiplock)
         if await self._state(command.vmid) is not PowerState.STOPPED:
             raise admission.invalid("vmid", f"VM {command.vmid} is running - destroy failed")
@@ -269,8 +344,11 @@ class ComputeService:
         async def body(task: TaskLog) -> None:
             await self.hypervisor.undefine(domain_name(command.vmid))
             await task.log(f"undefined libvirt domain {domain_name(command.vmid)}")
-            held = None if not command.skiplock else (await self.guests.get(command.vmid)).lock
-            await self.guests.remove(command.vmid, lock_held=held)
+            record = await self.guests.get(command.vmid)
+            await self.free_volumes(command.vmid, record.config, task)
+            await self.guests.remove(
+                command.vmid, lock_held=record.lock if command.skiplock else None
+            )
             self._samples.pop(command.vmid, None)
             await self.events.emit(
                 compute.GUEST_DESTROYED,
@@ -287,6 +365,13 @@ class ComputeService:
             config.pop(key, None)
         admission.render(command.vmid, config, self.facts)
         admission.check_node(config, await self.hypervisor.node(), await self.hypervisor.bridges())
+        for request in disks.requested(command.config):
+            raise RucherError(
+                ErrorCode.UNSUPPORTED,
+                f"{request.key}: allocating a new disk on a config change is not supported yet",
+                details={"field": request.key},
+            )
+        await self.map_volumes(command.config)
         changes = admission.with_macs(
             {key: value for key, value in config.items() if key in command.config}
         )

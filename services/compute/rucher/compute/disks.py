@@ -1,0 +1,123 @@
+"""A guest's disks as storage volumes: which to allocate, which to map, which the guest owns."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from rucher.compute.domain_xml import DISK_KEY
+from rucher.proto.storage import VolumeInfo, VolumeMapping
+
+# ``STORAGE:SIZE`` (GiB, fractions allowed) asks for a new disk; ``STORAGE:VOLNAME`` names one.
+NEW_DISK = re.compile(r"^(?P<storage>[A-Za-z][A-Za-z0-9._-]*):(?P<size>\d+(\.\d+)?)$")
+VOLUME_ID = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*:.+$")
+UNUSED_KEY = re.compile(r"^unused\d+$")
+# The owner is in the last ``vm-<vmid>-``/``base-<vmid>-`` of the name: a linked clone's
+# ``local:150/base-150-disk-0.qcow2/151/vm-151-disk-0.qcow2`` belongs to 151.
+OWNER = re.compile(r"(?:^|/|:)(?:vm|base)-(\d+)-")
+GIB = 1 << 30
+# Folders of a ``dir`` storage whose files are never a guest's disk, whatever their names.
+NOT_DISKS = frozenset({"iso", "vztmpl", "backup", "snippets", "import"})
+
+
+class VolumeStore(Protocol):
+    """This node's storage service (``rpc.storage.volume_*.{node}``), as the agent uses it."""
+
+    async def allocate(self, storage: str, vmid: int, size: int) -> VolumeInfo:
+        """A new disk volume of ``size`` bytes owned by ``vmid``, named by the storage."""
+
+    async def free(self, volid: str) -> None:
+        """Delete a volume."""
+
+    async def map(self, volid: str) -> VolumeMapping:
+        """Where this node's hypervisor finds a volume, with its ``<disk>`` element."""
+
+
+@dataclass(frozen=True)
+class DiskRequest:
+    """A ``STORAGE:SIZE`` disk of a config: the key, the storage and the size in bytes."""
+
+    key: str
+    storage: str
+    size: int
+
+
+def disk_file(value: str) -> str:
+    """The ``file`` part of a disk value (``local:1,cache=none`` → ``local:1``)."""
+    return value.split(",", 1)[0].removeprefix("file=")
+
+
+def _is_empty_drive(value: str) -> bool:
+    options = value.split(",")[1:]
+    return "media=cdrom" in options and disk_file(value) in {"none", "cdrom"}
+
+
+def disk_keys(config: Mapping[str, str]) -> list[str]:
+    """The config's disk keys, in a stable order (so new disks are numbered predictably)."""
+    return sorted(key for key in config if DISK_KEY.match(key))
+
+
+def requested(config: Mapping[str, str]) -> list[DiskRequest]:
+    """The disks the config asks the storage service to allocate."""
+    found: list[DiskRequest] = []
+    for key in disk_keys(config):
+        match = NEW_DISK.match(disk_file(config[key]))
+        if match is not None:
+            size = int(float(match["size"]) * GIB)
+            found.append(DiskRequest(key=key, storage=match["storage"], size=size))
+    return found
+
+
+def volume_ids(config: Mapping[str, str]) -> dict[str, str]:
+    """The disks that name a storage volume (``local:iso/x.iso``), by key."""
+    found: dict[str, str] = {}
+    for key in disk_keys(config):
+        value = config[key]
+        path = disk_file(value)
+        if _is_empty_drive(value) or path.startswith("/") or NEW_DISK.match(path):
+            continue
+        found[key] = path
+    return found
+
+
+def format_size(size: int) -> str:
+    """A byte count the way Proxmox writes ``size=`` (``PVE::JSONSchema::format_size``)."""
+    units = ("", "K", "M", "G", "T")
+    step = 0
+    while step < len(units) - 1 and size and size % 1024 == 0:
+        size //= 1024
+        step += 1
+    return f"{size}{units[step]}"
+
+
+def recorded(value: str, volid: str, size: int) -> str:
+    """The config value of an allocated disk: its volume id, its options, and its size."""
+    options = [part for part in value.split(",")[1:] if part and not part.startswith("size=")]
+    options.append(f"size={format_size(size)}")
+    return ",".join([volid, *sorted(options, key=lambda part: part.split("=", 1)[0])])
+
+
+def owner(volid: str) -> int | None:
+    """The VMID owning a disk volume, from its name; None for ISOs, templates and foreign names."""
+    volname = volid.partition(":")[2]
+    if volname.split("/", 1)[0] in NOT_DISKS:
+        return None
+    owners = OWNER.findall(volid)
+    return int(owners[-1]) if owners else None
+
+
+def owned_volumes(config: Mapping[str, str], vmid: int) -> list[str]:
+    """The volumes of disks and ``unusedN`` entries that belong to ``vmid``, each once."""
+    found: list[str] = []
+    keys = [*disk_keys(config), *sorted(key for key in config if UNUSED_KEY.match(key))]
+    for key in keys:
+        value = config[key]
+        volid = disk_file(value)
+        if "media=cdrom" in value.split(",")[1:] or not VOLUME_ID.match(volid):
+            continue
+        if NEW_DISK.match(volid) or owner(volid) != vmid or volid in found:
+            continue
+        found.append(volid)
+    return found
