@@ -59,6 +59,10 @@ def test_new_disks_volumes_and_owned_volumes_are_told_apart():
 
 def test_an_allocated_disk_keeps_its_options_and_gets_its_size():
     assert (
-        disks.recorded("local:4,ssd=1,cache=none,size=9G", "local:100/vm-100-disk-0.qcow2", 4 << 30)
+        disks.recorded(
+            "local:4,ssd=1,format=qcow2,cache=none,size=9G",
+            "local:100/vm-100-disk-0.qcow2",
+            4 << 30,
+        )
         == "local:100/vm-100-disk-0.qcow2,cache=none,size=4G,ssd=1"
     )

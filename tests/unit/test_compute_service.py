@@ -148,17 +148,20 @@ class FakeVolumes:
         self.calls: list[tuple[str, str]] = []
         self.refuse_free: str | None = None
 
-    async def allocate(self, storage: str, vmid: int, size: int) -> VolumeInfo:
-        self.calls.append(("allocate", f"{storage}:{size}"))
+    async def allocate(
+        self, storage: str, vmid: int, size: int, fmt: DiskFormat | None
+    ) -> VolumeInfo:
+        self.calls.append(("allocate", f"{storage}:{size}:{fmt}"))
         if storage not in self.storages:
             raise RucherError(ErrorCode.NOT_FOUND, f"storage '{storage}' does not exist")
         number = 0
-        while f"{storage}:{vmid}/vm-{vmid}-disk-{number}.qcow2" in self.volumes:
+        suffix = fmt or "raw"
+        while any(v.startswith(f"{storage}:{vmid}/vm-{vmid}-disk-{number}.") for v in self.volumes):
             number += 1
-        volid = f"{storage}:{vmid}/vm-{vmid}-disk-{number}.qcow2"
+        volid = f"{storage}:{vmid}/vm-{vmid}-disk-{number}.{suffix}"
         self.volumes[volid] = -(-size // 1024) * 1024
         return VolumeInfo(
-            volid=volid, content=ContentType.IMAGES, format="qcow2", size=self.volumes[volid]
+            volid=volid, content=ContentType.IMAGES, format=suffix, size=self.volumes[volid]
         )
 
     async def free(self, volid: str) -> None:
@@ -174,7 +177,7 @@ class FakeVolumes:
             raise RucherError(ErrorCode.NOT_FOUND, f"volume '{volid}' does not exist")
         path = f"/srv/{volid.replace(':', '/')}"
         iso = volid.endswith(".iso")
-        fmt = DiskFormat.RAW if iso else DiskFormat.QCOW2
+        fmt = DiskFormat.QCOW2 if volid.endswith(".qcow2") else DiskFormat.RAW
         device = "cdrom" if iso else "disk"
         readonly = "<readonly/>" if iso else ""
         return VolumeMapping(
@@ -276,7 +279,7 @@ async def test_a_taken_vmid_is_invalid_and_the_existing_guest_is_untouched(world
 async def test_new_disks_are_allocated_recorded_as_volume_ids_and_defined(world):
     await world.service.create(
         create(
-            scsi0="local:1,cache=writeback",
+            scsi0="local:1,format=qcow2,cache=writeback",
             virtio1="local:0.5",
             ide2="local:iso/live.iso,media=cdrom",
         )
@@ -284,7 +287,7 @@ async def test_new_disks_are_allocated_recorded_as_volume_ids_and_defined(world)
     assert world.tasks.ended == [("qmcreate", "OK")]
     config = world.guests.records[100].config
     assert config["scsi0"] == "local:100/vm-100-disk-0.qcow2,cache=writeback,size=1G"
-    assert config["virtio1"] == "local:100/vm-100-disk-1.qcow2,size=512M"
+    assert config["virtio1"] == "local:100/vm-100-disk-1.raw,size=512M"
     assert config["ide2"] == "local:iso/live.iso,media=cdrom"
     assert world.guests.records[100].lock is None
     xml = world.hypervisor.domains_by_name["rucher-100"].xml
@@ -299,7 +302,7 @@ async def test_a_refused_definition_frees_the_allocated_volumes(world):
     assert world.tasks.ended == [("qmcreate", "libvirt: unsupported machine type")]
     assert world.guests.records == {}
     assert list(world.volumes.volumes) == ["local:iso/live.iso"]
-    assert ("free", "local:100/vm-100-disk-1.qcow2") in world.volumes.calls
+    assert ("free", "local:100/vm-100-disk-1.raw") in world.volumes.calls
 
 
 async def test_an_allocation_that_fails_frees_the_ones_before_it(world):
@@ -331,7 +334,7 @@ async def test_destroy_frees_the_guests_own_volumes_and_leaves_others(world):
     world.volumes.volumes["local:200/vm-200-disk-0.qcow2"] = 1 << 30
     await world.service.create(
         create(
-            scsi0="local:1",
+            scsi0="local:1,format=qcow2",
             scsi1="local:200/vm-200-disk-0.qcow2",
             ide2="local:iso/live.iso,media=cdrom",
         )
@@ -345,11 +348,11 @@ async def test_destroy_frees_the_guests_own_volumes_and_leaves_others(world):
 
 async def test_a_volume_that_cannot_be_freed_does_not_stop_the_destroy(world):
     await world.service.create(create(scsi0="local:1", scsi1="local:1"))
-    world.volumes.refuse_free = "local:100/vm-100-disk-0.qcow2"
+    world.volumes.refuse_free = "local:100/vm-100-disk-0.raw"
     await world.service.destroy(command(compute.VmDestroy))
     assert world.tasks.ended[-1] == ("qmdestroy", "OK")
-    assert "local:100/vm-100-disk-0.qcow2" in world.volumes.volumes
-    assert "local:100/vm-100-disk-1.qcow2" not in world.volumes.volumes
+    assert "local:100/vm-100-disk-0.raw" in world.volumes.volumes
+    assert "local:100/vm-100-disk-1.raw" not in world.volumes.volumes
     assert world.guests.records == {}
 
 
@@ -357,7 +360,7 @@ async def test_start_maps_the_volumes_again(world):
     await world.service.create(create(scsi0="local:1"))
     world.volumes.calls.clear()
     await world.service.start(command(compute.VmStart))
-    assert world.volumes.calls == [("map", "local:100/vm-100-disk-0.qcow2")]
+    assert world.volumes.calls == [("map", "local:100/vm-100-disk-0.raw")]
 
 
 async def test_a_new_disk_on_a_config_change_is_not_supported_yet(world):

@@ -22,6 +22,7 @@ from rucher.proto.storage import (
     VOLUME_ALLOCATE,
     VOLUME_FREE,
     VOLUME_MAP,
+    DiskFormat,
     VolumeAllocate,
     VolumeFree,
     VolumeInfo,
@@ -57,9 +58,13 @@ class BusVolumes:
         self.bus = bus
         self.timeout = timeout
 
-    async def allocate(self, storage: str, vmid: int, size: int) -> VolumeInfo:
+    async def allocate(
+        self, storage: str, vmid: int, size: int, fmt: DiskFormat | None
+    ) -> VolumeInfo:
         """A new disk volume of ``size`` bytes owned by ``vmid``, named by the storage."""
-        command = VolumeAllocate(command_id=new_id(), storage=storage, vmid=vmid, size=size)
+        command = VolumeAllocate(
+            command_id=new_id(), storage=storage, vmid=vmid, size=size, format=fmt
+        )
         reply = await self.bus.request(
             VOLUME_ALLOCATE.to(node=self.bus.node), command, timeout=self.timeout
         )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from rucher.compute.domain_xml import DISK_KEY
-from rucher.proto.storage import VolumeInfo, VolumeMapping
+from rucher.proto.storage import DiskFormat, VolumeInfo, VolumeMapping
 
 # ``STORAGE:SIZE`` (GiB, fractions allowed) asks for a new disk; ``STORAGE:VOLNAME`` names one.
 NEW_DISK = re.compile(r"^(?P<storage>[A-Za-z][A-Za-z0-9._-]*):(?P<size>\d+(\.\d+)?)$")
@@ -25,8 +25,13 @@ NOT_DISKS = frozenset({"iso", "vztmpl", "backup", "snippets", "import"})
 class VolumeStore(Protocol):
     """This node's storage service (``rpc.storage.volume_*.{node}``), as the agent uses it."""
 
-    async def allocate(self, storage: str, vmid: int, size: int) -> VolumeInfo:
-        """A new disk volume of ``size`` bytes owned by ``vmid``, named by the storage."""
+    async def allocate(
+        self, storage: str, vmid: int, size: int, fmt: DiskFormat | None
+    ) -> VolumeInfo:
+        """A new disk volume of ``size`` bytes owned by ``vmid``, named by the storage.
+
+        Without ``fmt`` the storage picks its default (``raw`` on ``dir``, as Proxmox does).
+        """
 
     async def free(self, volid: str) -> None:
         """Delete a volume."""
@@ -37,11 +42,12 @@ class VolumeStore(Protocol):
 
 @dataclass(frozen=True)
 class DiskRequest:
-    """A ``STORAGE:SIZE`` disk of a config: the key, the storage and the size in bytes."""
+    """A ``STORAGE:SIZE`` disk of a config: the key, the storage, the size in bytes, a format."""
 
     key: str
     storage: str
     size: int
+    format: DiskFormat | None = None
 
 
 def disk_file(value: str) -> str:
@@ -66,8 +72,24 @@ def requested(config: Mapping[str, str]) -> list[DiskRequest]:
         match = NEW_DISK.match(disk_file(config[key]))
         if match is not None:
             size = int(float(match["size"]) * GIB)
-            found.append(DiskRequest(key=key, storage=match["storage"], size=size))
+            fmt = _option(config[key], "format")
+            found.append(
+                DiskRequest(
+                    key=key,
+                    storage=match["storage"],
+                    size=size,
+                    format=DiskFormat(fmt) if fmt in set(DiskFormat) else None,
+                )
+            )
     return found
+
+
+def _option(value: str, name: str) -> str | None:
+    for part in value.split(",")[1:]:
+        key, _, text = part.partition("=")
+        if key == name:
+            return text
+    return None
 
 
 def volume_ids(config: Mapping[str, str]) -> dict[str, str]:
@@ -93,8 +115,12 @@ def format_size(size: int) -> str:
 
 
 def recorded(value: str, volid: str, size: int) -> str:
-    """The config value of an allocated disk: its volume id, its options, and its size."""
-    options = [part for part in value.split(",")[1:] if part and not part.startswith("size=")]
+    """The config value of an allocated disk: its volume id, its options, and its size.
+
+    ``format`` has done its work once the volume exists, and Proxmox drops it too.
+    """
+    dropped = ("size=", "format=")
+    options = [part for part in value.split(",")[1:] if part and not part.startswith(dropped)]
     options.append(f"size={format_size(size)}")
     return ",".join([volid, *sorted(options, key=lambda part: part.split("=", 1)[0])])
 

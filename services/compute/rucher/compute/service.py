@@ -320,7 +320,9 @@ class ComputeService:
         """
         allocated: dict[str, str] = {}
         for request in disks.requested(config):
-            volume = await self.volumes.allocate(request.storage, vmid, request.size)
+            volume = await self.volumes.allocate(
+                request.storage, vmid, request.size, request.format
+            )
             undo.append(functools.partial(self.volumes.free, volume.volid))
             config[request.key] = disks.recorded(config[request.key], volume.volid, volume.size)
             allocated[request.key] = config[request.key]
