@@ -1,4 +1,4 @@
-"""Acceptance: proxmoxer drives a VM's life through the real gateway, IAM and compute agent."""
+"""Acceptance: proxmoxer drives a VM's life through the real gateway, IAM, compute and storage."""
 # ruff: noqa: F811 - pytest fixtures imported from rucher.testing.libvirt are parameters here
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from rucher.testing.libvirt import GuestImage, guest_image, libvirtd  # noqa: F4
 
 from .stack import ADMIN, ADMIN_PASSWORD, NODE, Stack, logged_in
 from .test_qemu_helpers import next_vmid, start_agent, wait_agent
+from .test_storage_helpers import start_storage, wait_storage
 
 pytest.importorskip("libvirt")
 
@@ -23,12 +24,15 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def agent(stack: Stack, libvirtd: str) -> Stack:
-    """The compute agent on the system libvirtd, beside the module's gateway and IAM."""
+    """The compute agent on the system libvirtd and the storage service (``local`` in the
+    module's folder), beside the module's gateway and IAM."""
+    start_storage(stack, stack.root / "local")
     start_agent(stack, libvirtd, RUCHER_COMPUTE_SHUTDOWN_TIMEOUT="60")
 
     async def wait() -> None:
         admin = await logged_in(stack, ADMIN, ADMIN_PASSWORD)
         try:
+            await wait_storage(admin)
             await wait_agent(admin)
         finally:
             await admin.close()
@@ -69,6 +73,7 @@ def test_a_vm_is_created_started_read_shut_down_and_deleted(agent, guest_image: 
             serial0="socket",
             vga="serial0",
             net0="virtio,bridge=vmbr0",
+            scsi0="local:1,format=qcow2",
             args=f"-kernel {guest_image.kernel} -initrd {guest_image.initrd} "
             f"-append '{guest_image.cmdline}'",
         ),
@@ -77,6 +82,9 @@ def test_a_vm_is_created_started_read_shut_down_and_deleted(agent, guest_image: 
     assert config["name"] == "proxmoxer-vm"
     assert config["net0"].startswith("virtio=BC:24:11:")
     assert len(config["digest"]) == 40
+    assert config["scsi0"] == f"local:{vmid}/vm-{vmid}-disk-0.qcow2,size=1G"
+    disk = agent.root / "local" / "images" / str(vmid) / f"vm-{vmid}-disk-0.qcow2"
+    assert disk.exists()
     assert vmid in [vm["vmid"] for vm in node.qemu.get()]
     try:
         ok(api, node.qemu(vmid).status.start.post())
@@ -98,6 +106,7 @@ def test_a_vm_is_created_started_read_shut_down_and_deleted(agent, guest_image: 
     with pytest.raises(ResourceException) as caught:
         node.qemu(vmid).config.get()
     assert caught.value.status_code == 404
+    assert not disk.exists()
 
 
 def test_bad_input_is_400_naming_the_field(agent):
