@@ -67,6 +67,7 @@ BUCKET_VALUES: dict[str, type[msgspec.Struct]] = {
     "idempotency": bus.AppliedCommand,
     "allocations": scheduler.NodeAllocations,
     "claims": scheduler.Claim,
+    "storage": storage.StorageRecord,
 }
 
 

@@ -213,6 +213,10 @@ class KV(Generic[T]):
                 info = await sub.consumer_info()
                 break
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as err:
+                # nats-py may turn our own cancellation into a timeout: honour the cancel.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from err
                 # The bucket's stream may be electing a leader: watching can wait for it.
                 if time.monotonic() > deadline:
                     raise RucherError(
