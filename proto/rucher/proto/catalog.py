@@ -68,6 +68,8 @@ BUCKET_VALUES: dict[str, type[msgspec.Struct]] = {
     "allocations": scheduler.NodeAllocations,
     "claims": scheduler.Claim,
     "storage": storage.StorageRecord,
+    "mappings": gpu.PciMapping,
+    "gpu_leases": gpu.GpuLease,
 }
 
 

@@ -15,7 +15,7 @@ from typing import Annotated
 import msgspec
 
 from rucher.proto.base import Command, Event, Kind, Reply, RpcSubject, Scope, Subject
-from rucher.proto.common import ByteSize, ConfigKey, NodeName, Vmid
+from rucher.proto.common import AuthId, ByteSize, ConfigKey, Done, NodeName, Query, Vmid
 from rucher.proto.guest import GuestType
 
 PciAddress = Annotated[
@@ -195,6 +195,13 @@ class PciMapping(msgspec.Struct, frozen=True, kw_only=True):
     live_migration_capable: bool = False
 
 
+class PciMappingState(msgspec.Struct, frozen=True, kw_only=True):
+    """A stored mapping with its digest (SHA-1 of its canonical form), for guarded updates."""
+
+    mapping: PciMapping
+    digest: str
+
+
 # Commands and replies ------------------------------------------------------------------------
 
 
@@ -233,6 +240,50 @@ class DeviceRelease(Command, frozen=True, kw_only=True, tag="gpu.device.release"
     vmid: Vmid
     reason: ReleaseReason
     lease_id: str | None = None
+
+
+class PciListQuery(Query, frozen=True, kw_only=True, tag="gpu.pci.list"):
+    """Every PCI function of the node as discovered now (``/nodes/{node}/hardware/pci``)."""
+
+
+class PciListing(Reply, frozen=True, kw_only=True, tag="gpu.pci.listing"):
+    """A node's PCI functions, all of them, with leases marked."""
+
+    devices: tuple[PciDevice, ...]
+
+
+class MappingListQuery(Query, frozen=True, kw_only=True, tag="gpu.mapping.list"):
+    """The PCI mappings, or the one named ``id``."""
+
+    id: str | None = None
+
+
+class MappingListing(Reply, frozen=True, kw_only=True, tag="gpu.mapping.listing"):
+    """PCI mappings with their digests, sorted by id."""
+
+    mappings: tuple[PciMappingState, ...]
+
+
+class MappingCreate(Command, frozen=True, kw_only=True, tag="gpu.mapping.create"):
+    """Add a PCI mapping; refused if the id exists or an entry names a device its node lacks."""
+
+    mapping: PciMapping
+    user: AuthId | None = None
+
+
+class MappingUpdate(Command, frozen=True, kw_only=True, tag="gpu.mapping.update"):
+    """Replace a PCI mapping if it still has ``digest`` (when given)."""
+
+    mapping: PciMapping
+    digest: str | None = None
+    user: AuthId | None = None
+
+
+class MappingDelete(Command, frozen=True, kw_only=True, tag="gpu.mapping.delete"):
+    """Remove a PCI mapping."""
+
+    id: str
+    user: AuthId | None = None
 
 
 # Events --------------------------------------------------------------------------------------
@@ -297,4 +348,44 @@ DEVICE_RELEASED = Subject(
     Kind.EVENT,
     Scope.NODE,
     "A device lease on {node} ended.",
+)
+PCI_LIST = RpcSubject(
+    "rpc.gpu.pci_list.{node}",
+    PciListQuery,
+    Kind.RPC,
+    Scope.NODE,
+    "List every PCI function of {node}, with its mdev types, MIG state and leases.",
+    reply=PciListing,
+)
+MAPPING_LIST = RpcSubject(
+    "rpc.gpu.mapping_list",
+    MappingListQuery,
+    Kind.RPC,
+    Scope.CLUSTER,
+    "List the cluster-wide PCI mappings.",
+    reply=MappingListing,
+)
+MAPPING_CREATE = RpcSubject(
+    "rpc.gpu.mapping_create",
+    MappingCreate,
+    Kind.RPC,
+    Scope.CLUSTER,
+    "Add a cluster-wide PCI mapping.",
+    reply=Done,
+)
+MAPPING_UPDATE = RpcSubject(
+    "rpc.gpu.mapping_update",
+    MappingUpdate,
+    Kind.RPC,
+    Scope.CLUSTER,
+    "Replace a cluster-wide PCI mapping, guarded by its digest.",
+    reply=Done,
+)
+MAPPING_DELETE = RpcSubject(
+    "rpc.gpu.mapping_delete",
+    MappingDelete,
+    Kind.RPC,
+    Scope.CLUSTER,
+    "Remove a cluster-wide PCI mapping.",
+    reply=Done,
 )

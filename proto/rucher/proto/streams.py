@@ -202,6 +202,26 @@ STORAGE = BucketDef(
     description="Cluster-wide storage definitions (Proxmox storage.cfg), key = storage id.",
 )
 
+MAPPINGS = BucketDef(
+    name="mappings",
+    history=8,
+    max_age=0.0,
+    replicas=3,
+    per_key_ttl=False,
+    writers="the GPU broker (any instance), by compare-and-set",
+    description="Cluster-wide resource mappings (/cluster/mapping), key = pci.{mapping id}.",
+)
+
+GPU_LEASES = BucketDef(
+    name="gpu_leases",
+    history=1,
+    max_age=0.0,
+    replicas=3,
+    per_key_ttl=False,
+    writers="the GPU broker of the node holding the device, for that node's keys only",
+    description="Device, mdev, MIG and VF leases held by guests, key = {node}.{lease id}.",
+)
+
 BUCKETS: tuple[BucketDef, ...] = (
     TASKS,
     GUESTS,
@@ -212,6 +232,8 @@ BUCKETS: tuple[BucketDef, ...] = (
     ALLOCATIONS,
     CLAIMS,
     STORAGE,
+    MAPPINGS,
+    GPU_LEASES,
 )
 
 
