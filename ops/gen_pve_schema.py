@@ -64,6 +64,7 @@ ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("PUT", "/nodes/{node}/storage/{storage}/content/{volume}"),
     ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}"),
     ("POST", "/nodes/{node}/storage/{storage}/download-url"),
+    ("POST", "/nodes/{node}/storage/{storage}/upload"),
     ("GET", "/cluster/status"),
     ("GET", "/cluster/resources"),
     ("GET", "/cluster/nextid"),

@@ -165,8 +165,13 @@ class Api:
     async def call(self, method: str, url: str, /, **params: Any) -> Reply:
         """One request: parameters in the query for GET/DELETE, form-encoded otherwise."""
         values = {key: value for key, value in params.items() if value is not None}
+        # A (file name, bytes) value is a file: the body is then multipart, as for uploads.
+        files = {key: value for key, value in values.items() if isinstance(value, tuple)}
         if method in {"GET", "DELETE"}:
             response = await self.client.request(method, url, params=values)
+        elif files:
+            data = {key: value for key, value in values.items() if key not in files}
+            response = await self.client.request(method, url, data=data, files=files)
         else:
             response = await self.client.request(method, url, data=values)
         try:

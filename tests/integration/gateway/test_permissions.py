@@ -223,6 +223,11 @@ async def _volume(admin: Api, world: World) -> Params:
     return {"node": NODE, "storage": "local", "volume": volid}
 
 
+async def _upload(admin: Api, world: World) -> Params:
+    return {"node": NODE, "storage": "local", "content": "iso",
+            "filename": (f"{unique('u')}.iso", b"matrix")}  # fmt: skip
+
+
 async def _download(admin: Api, world: World) -> Params:
     return {"node": NODE, "storage": "local", "content": "iso", "filename": f"{unique('i')}.iso",
             "url": "http://127.0.0.1:9/nothing.iso"}  # fmt: skip
@@ -271,6 +276,7 @@ CASES: dict[tuple[str, str], Case] = {
     ),
     ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}"): Case(_volume, VOLUME_ACCESS),
     ("POST", "/nodes/{node}/storage/{storage}/download-url"): Case(_download),
+    ("POST", "/nodes/{node}/storage/{storage}/upload"): Case(_upload),
     ("GET", "/cluster/status"): Case(_nothing),
     ("GET", "/cluster/resources"): Case(_nothing),
     ("GET", "/cluster/nextid"): Case(_nothing),

@@ -8,22 +8,24 @@ form-encoded or JSON body, each read strictly (``rucher.pve.params``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from rucher.bus import RucherError
 from rucher.gateway.config import MAX_BODY
+from rucher.gateway.multipart import CutOffError, FileUpload, MultipartError, read_form
 from rucher.proto.errors import HTTP_STATUS
 from rucher.pve.params import BAD_UTF8, ParamError, merge, parse_json, parse_urlencoded
 from rucher.pve.values import Scalar
 
 JSON = "application/json;charset=UTF-8"
 _FORM = "application/x-www-form-urlencoded"
+_MULTIPART = "multipart/form-data"
 
 _encoder = msgspec.json.Encoder()
 
@@ -100,11 +102,40 @@ async def _body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-async def request_values(request: Request) -> dict[str, Scalar]:
+async def _stream(request: Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives; a client gone mid-body is a :class:`CutOffError`."""
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                yield chunk
+    except ClientDisconnect as err:
+        raise CutOffError("the client went away before the body ended") from err
+
+
+async def _multipart(
+    request: Request, file_param: str | None
+) -> tuple[list[tuple[str, Scalar]], FileUpload | None]:
+    """The fields of a multipart form and its file part, for an endpoint that takes a file."""
+    if file_param is None:
+        raise BodyError(415, "multipart/form-data is only accepted by upload endpoints")
+    try:
+        fields, upload = await read_form(
+            _stream(request), request.headers["content-type"], file_param
+        )
+    except MultipartError as err:
+        raise BodyError(400, f"malformed multipart/form-data body: {err}") from err
+    if upload is not None:
+        fields.append((file_param, upload.filename))
+    return list(fields), upload
+
+
+async def request_values(request: Request, *, file_param: str | None = None) -> dict[str, Scalar]:
     """Every parameter of the request: path, query string and body (form or JSON).
 
     Raises :class:`ParamError` for a field given twice, invalid UTF-8 or a malformed body, and
-    :class:`BodyError` for a body too large or neither form-encoded nor JSON.
+    :class:`BodyError` for a body too large or neither form-encoded nor JSON. An endpoint that
+    takes a file (``file_param``) also accepts ``multipart/form-data``: the file's name becomes
+    ``file_param`` and its bytes, still unread, wait in ``request.state.upload``.
     """
     path_values: list[tuple[str, Scalar]] = []
     for name, value in request.path_params.items():
@@ -115,10 +146,13 @@ async def request_values(request: Request) -> dict[str, Scalar]:
     query = parse_urlencoded(request.scope.get("query_string", b""))
     if request.method in {"GET", "HEAD", "DELETE"}:
         return merge(path_values, query)
+    content_type = request.headers.get("content-type", _FORM).split(";")[0].strip().lower()
+    if content_type == _MULTIPART:
+        fields, request.state.upload = await _multipart(request, file_param)
+        return merge(path_values, query, fields)
     raw = await _body(request)
     if not raw.strip():
         return merge(path_values, query)
-    content_type = request.headers.get("content-type", _FORM).split(";")[0].strip().lower()
     body: Sequence[tuple[str, Scalar]]
     if content_type == "application/json":
         body = parse_json(raw)

@@ -44,6 +44,8 @@ R = TypeVar("R", bound=msgspec.Struct)
 _AT_FIELD = re.compile(r"at `\$\.(\w+)")
 # Path parameters taken raw, slashes included: volume ids are ``local:100/vm-100-disk-0.qcow2``.
 RAW_PATH_PARAMS = ("volume",)
+# Endpoints that take a file in a multipart body, by (method, path): the parameter it fills.
+FILE_PARAMS: dict[tuple[str, str], str] = {}
 
 
 class Rebuilds:
@@ -163,13 +165,21 @@ class RouteTable:
     def __init__(self) -> None:
         self.handlers: dict[tuple[str, str], Handler] = {}
 
-    def __call__(self, method: str, path: str) -> Callable[[Handler], Handler]:
-        """Declare ``handler`` as the implementation of ``method path``."""
+    def __call__(
+        self, method: str, path: str, *, file_param: str | None = None
+    ) -> Callable[[Handler], Handler]:
+        """Declare ``handler`` as the implementation of ``method path``.
+
+        ``file_param`` names the parameter an uploaded file's name fills: the endpoint then
+        takes a multipart body whose file the handler streams from ``request.state.upload``.
+        """
 
         def register(handler: Handler) -> Handler:
             if (method, path) in self.handlers:
                 raise ValueError(f"{method} {path} declared twice")
             self.handlers[(method, path)] = handler
+            if file_param is not None:
+                FILE_PARAMS[(method, path)] = file_param
             return handler
 
         return register
@@ -193,11 +203,12 @@ def build_route(endpoint: Endpoint, handler: Handler, gateway: Gateway) -> Route
     spec_defaults = defaults(spec) if endpoint.method == "GET" else {}
     world = endpoint.permissions.user == "world"
     formats = gateway.schema.formats
+    file_param = FILE_PARAMS.get(endpoint.key)
 
     async def serve(request: Request) -> Response:
         try:
             caller = None if world else _authenticate(endpoint, gateway, request)
-            values = await dialect.request_values(request)
+            values = await dialect.request_values(request, file_param=file_param)
             params = validate(spec, values, formats=formats, defaults_=spec_defaults)
             require(
                 endpoint.permissions,

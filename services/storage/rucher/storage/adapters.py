@@ -248,11 +248,14 @@ class ObjectUploads:
             return
         nuid = self._nuids.pop(info.name, None) or (await self._nuid(info.name))
         subject = f"$O.{UPLOADS.name}.C.{nuid}"
-        sub = await self.bus.js.subscribe(subject, ordered_consumer=True)
         received = 0
+        # No chunk stored at all: say so now rather than after the idle timeout. (The consumer's
+        # own pending count cannot tell: a short object is delivered before it is asked.)
+        stored = await self.bus.js.stream_info(f"OBJ_{UPLOADS.name}", subjects_filter=subject)
+        if not (stored.state.subjects or {}).get(subject):
+            raise _incomplete(info, received)
+        sub = await self.bus.js.subscribe(subject, ordered_consumer=True)
         try:
-            if (await sub.consumer_info()).num_pending == 0:
-                raise _incomplete(info, received)
             while True:
                 try:
                     msg = await sub.next_msg(timeout=self.idle_timeout)

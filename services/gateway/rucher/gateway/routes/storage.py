@@ -14,8 +14,11 @@ from typing import Any
 import msgspec
 
 from rucher.bus import RucherError
+from rucher.bus.client import new_id
+from rucher.gateway.multipart import FileUpload, MultipartError
 from rucher.gateway.permissions import forbidden
 from rucher.gateway.routing import Call, RouteTable
+from rucher.gateway.uploads import ObjectUpload, delete_object
 from rucher.proto import storage
 from rucher.proto.errors import ErrorCode
 from rucher.proto.storage import (
@@ -54,6 +57,8 @@ DEFAULT_CONTENT = {
 }
 _AT_FIELD = re.compile(r"at `\$\.(\w+)")
 _SIZE = re.compile(r"^(\d+)([MG]?)$")
+# What ``POST .../upload`` stores (Proxmox's ``import`` content is not a Rucher content type).
+FILE_UPLOADS = frozenset({ContentType.ISO.value, ContentType.VZTMPL.value})
 
 
 def _flag(value: bool) -> int:
@@ -441,3 +446,64 @@ async def download_url(call: Call) -> str:
     )
     reply = await call.ask(storage.CONTENT_DOWNLOAD.to(node=p["node"]), command)
     return reply.upid
+
+
+@ROUTES("POST", "/nodes/{node}/storage/{storage}/upload", file_param="filename")
+async def upload(call: Call) -> str:
+    """Store an uploaded ISO or template, as a task; answers its UPID.
+
+    The file streams from the HTTP body into the ``uploads`` object store; the node's storage
+    service then moves it into the storage, checks its digests and deletes the object. A body
+    cut off or refused leaves no object behind, and nothing reaches the storage.
+    """
+    p = call.params
+    file: FileUpload | None = getattr(call.request.state, "upload", None)
+    if file is None:
+        raise ParamError(
+            {"filename": "no file: send it as the multipart/form-data part 'filename'"}
+        )
+    if p["content"] not in FILE_UPLOADS:
+        raise ParamError({"content": f"uploading content type '{p['content']}' is not supported"})
+    node = p["node"]
+    # ``tmpfilename`` is Proxmox's internal hand-over from its proxy: the bytes come from the body.
+    command = call.command(
+        storage.ContentUpload,
+        user=call.authid,
+        storage=p["storage"],
+        object=f"{node}.{new_id()}",
+        filename=p["filename"],
+        content=p["content"],
+        checksum=p["checksum"],
+        checksum_algorithm=p["checksum-algorithm"],
+    )
+    await _receive(call, file, command.object)
+    try:
+        reply = await call.ask(storage.CONTENT_UPLOAD.to(node=node), command)
+    except BaseException:
+        await delete_object(call.gateway.bus.js, command.object)
+        raise
+    return reply.upid
+
+
+async def _receive(call: Call, file: FileUpload, name: str) -> None:
+    """Stream the file into the object ``name``; nothing is left behind when that fails."""
+    target = ObjectUpload(call.gateway.bus.js, name)
+    try:
+        await target.write(file.chunks())
+        trailing = await file.reader.finish()
+    except MultipartError as err:
+        await target.abort()
+        raise RucherError(
+            ErrorCode.INVALID, f"upload failed: {err}", details={"field": "filename"}
+        ) from err
+    except BaseException:
+        await target.abort()
+        raise
+    if trailing:
+        await target.abort()
+        raise ParamError({trailing[0]: "form fields must come before the file"})
+    try:
+        await target.commit()
+    except BaseException:
+        await target.abort()
+        raise
