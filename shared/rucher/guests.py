@@ -174,6 +174,34 @@ class GuestRegistry:
         await self._emit_config_changed(record)
         return record
 
+    async def rewrite(
+        self,
+        vmid: int,
+        change: Callable[[GuestRecord], GuestRecord],
+        *,
+        digest: str | None = None,
+        lock_held: GuestLock | None = None,
+    ) -> GuestRecord:
+        """Replace a document's config, snapshots or pending section by ``change`` of the current.
+
+        ``change`` may run more than once (a concurrent writer makes the compare-and-set retry);
+        it must not change the VMID, type, owner or lock, which other methods guard.
+        """
+
+        def guarded(record: GuestRecord) -> GuestRecord:
+            _check_unlocked(record, lock_held)
+            changed = change(record)
+            kept = (changed.vmid, changed.type, changed.node, changed.lock)
+            if kept != (record.vmid, record.type, record.node, record.lock):
+                raise RucherError(
+                    ErrorCode.INTERNAL, f"a rewrite of VM {vmid} may not change its identity"
+                )
+            return _rebuild(changed)
+
+        record = await self._modify(vmid, guarded, digest)
+        await self._emit_config_changed(record)
+        return record
+
     async def set_lock(
         self, vmid: int, lock: GuestLock, *, digest: str | None = None
     ) -> GuestRecord:

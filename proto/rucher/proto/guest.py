@@ -42,6 +42,9 @@ class GuestRecord(msgspec.Struct, frozen=True, kw_only=True):
     SHA-1 of the canonical config and lock, as Proxmox's config digest: a writer passes the digest
     it read and loses with a conflict if the document changed meanwhile. ``owner_token`` is the
     fencing token of the lease under which ``node`` took ownership (0 when none was used).
+    ``snapshots`` are Proxmox's ``[snapname]`` sections (each a config copy with ``snaptime``,
+    ``description``, ``parent``...); ``pending`` and ``pending_delete`` are its ``[PENDING]``
+    section: changes a running guest gets at its next start.
     """
 
     vmid: int
@@ -52,6 +55,9 @@ class GuestRecord(msgspec.Struct, frozen=True, kw_only=True):
     lock: GuestLock | None = None
     owner_token: int = 0
     updated: float = 0.0
+    snapshots: dict[str, dict[str, str]] = {}
+    pending: dict[str, str] = {}
+    pending_delete: tuple[str, ...] = ()
 
 
 class GuestRegistered(Event, frozen=True, kw_only=True, tag="guest.registered"):

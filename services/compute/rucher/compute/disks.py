@@ -39,6 +39,37 @@ class VolumeStore(Protocol):
     async def map(self, volid: str) -> VolumeMapping:
         """Where this node's hypervisor finds a volume, with its ``<disk>`` element."""
 
+    async def info(self, volid: str) -> VolumeInfo:
+        """A volume's attributes (size, format, owner, base)."""
+
+    async def resize(self, volid: str, size: int) -> VolumeInfo:
+        """Grow a volume to ``size`` bytes (shrinking is refused)."""
+
+    async def snapshot(self, volid: str, snapname: str) -> None:
+        """Snapshot a volume the hypervisor does not hold open."""
+
+    async def rollback(self, volid: str, snapname: str) -> None:
+        """Roll a volume back to a snapshot."""
+
+    async def delete_snapshot(self, volid: str, snapname: str) -> None:
+        """Delete a volume snapshot."""
+
+    async def create_base(self, volid: str) -> VolumeInfo:
+        """Turn a volume into a template base (``base-<vmid>-...``)."""
+
+    async def clone(self, volid: str, vmid: int, options: CloneOptions) -> VolumeInfo:
+        """A copy of ``volid`` owned by ``vmid``: linked to a base, or full."""
+
+
+@dataclass(frozen=True)
+class CloneOptions:
+    """How one disk is cloned: linked or full, from a snapshot, to a storage, in a format."""
+
+    linked: bool = False
+    snapname: str | None = None
+    storage: str | None = None
+    format: DiskFormat | None = None
+
 
 @dataclass(frozen=True)
 class DiskRequest:
@@ -147,3 +178,11 @@ def owned_volumes(config: Mapping[str, str], vmid: int) -> list[str]:
             continue
         found.append(volid)
     return found
+
+
+def next_unused(config: Mapping[str, str]) -> str:
+    """The first free ``unusedN`` key of ``config``."""
+    index = 0
+    while f"unused{index}" in config:
+        index += 1
+    return f"unused{index}"

@@ -98,6 +98,21 @@ class GuestStore(Protocol):
     async def clear_lock(self, vmid: int, lock: GuestLock) -> GuestRecord:
         """Release a lock."""
 
+    async def set_lock(
+        self, vmid: int, lock: GuestLock, *, digest: str | None = None
+    ) -> GuestRecord:
+        """Take a lock on an unlocked guest."""
+
+    async def rewrite(
+        self,
+        vmid: int,
+        change: Callable[[GuestRecord], GuestRecord],
+        *,
+        digest: str | None = None,
+        lock_held: GuestLock | None = None,
+    ) -> GuestRecord:
+        """Replace config, snapshots or pending section by ``change`` of the current document."""
+
     async def remove(
         self, vmid: int, *, digest: str | None = None, lock_held: GuestLock | None = None
     ) -> None:
@@ -164,6 +179,18 @@ class ComputeService:
                 ErrorCode.LOCKED, f"VM is locked ({record.lock})", details={"lock": record.lock}
             )
         return record
+
+    async def owned(self, vmid: int, *, skiplock: bool = False) -> GuestRecord:
+        """This node's VM ``vmid``, refused while locked unless ``skiplock``."""
+        return await self._owned(vmid, skiplock=skiplock)
+
+    async def power_state(self, vmid: int) -> PowerState:
+        """The VM's run state as libvirt sees it (stopped when not defined)."""
+        return await self._state(vmid)
+
+    async def submit(self, kind: str, command: GuestCommand, body: TaskBody) -> TaskAccepted:
+        """Run ``body`` as a task of type ``kind`` for ``command``'s guest."""
+        return await self._submit(kind, command, body)
 
     async def _state(self, vmid: int) -> PowerState:
         info = await self.hypervisor.info(domain_name(vmid))

@@ -20,6 +20,7 @@ class FakeDomain:
 
     xml: str
     state: PowerState = PowerState.STOPPED
+    saved: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -63,7 +64,8 @@ class FakeHypervisor:
         self.calls.append(("define", found[1]))
         existing = self.domains_by_name.get(found[1])
         state = existing.state if existing else PowerState.STOPPED
-        self.domains_by_name[found[1]] = FakeDomain(xml=xml, state=state)
+        saved = existing.saved if existing else set()
+        self.domains_by_name[found[1]] = FakeDomain(xml=xml, state=state, saved=saved)
 
     async def undefine(self, name: str) -> None:
         """Forget a domain."""
@@ -139,3 +141,31 @@ class FakeHypervisor:
     async def bridges(self) -> frozenset[str]:
         """The configured bridges."""
         return self.host_bridges
+
+    async def save_vm(self, name: str, snapname: str) -> None:
+        """Remember the RAM snapshot."""
+        self._running(name).saved.add(snapname)
+        self.calls.append(("save_vm", f"{name}:{snapname}"))
+
+    async def load_vm(self, name: str, snapname: str) -> None:
+        """Refuse an unknown RAM snapshot, as QEMU does."""
+        domain = self._running(name)
+        if snapname not in domain.saved:
+            raise RucherError(ErrorCode.INTERNAL, f"qemu: loadvm: snapshot {snapname} not found")
+        domain.state = PowerState.RUNNING
+        self.calls.append(("load_vm", f"{name}:{snapname}"))
+
+    async def delete_vm_snapshot(self, name: str, snapname: str) -> None:
+        """Forget the snapshot."""
+        self._running(name).saved.discard(snapname)
+        self.calls.append(("delete_vm_snapshot", f"{name}:{snapname}"))
+
+    async def snapshot_disks(self, name: str, snapname: str, sources: list[str]) -> None:
+        """Record the live disk snapshot."""
+        self._running(name)
+        self.calls.append(("snapshot_disks", f"{name}:{snapname}:{','.join(sources)}"))
+
+    async def block_resize(self, name: str, source: str, size: int) -> None:
+        """Record the live resize."""
+        self._running(name)
+        self.calls.append(("block_resize", f"{name}:{source}:{size}"))

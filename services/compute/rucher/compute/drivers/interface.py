@@ -80,3 +80,18 @@ class Hypervisor(Protocol):
 
     async def bridges(self) -> frozenset[str]:
         """Names of the Linux bridges a guest NIC may join."""
+
+    async def save_vm(self, name: str, snapname: str) -> None:
+        """Snapshot a running domain with its RAM inside its qcow2 images (``savevm``)."""
+
+    async def load_vm(self, name: str, snapname: str) -> None:
+        """Load a :meth:`save_vm` snapshot, RAM and disks, into the running domain (``loadvm``)."""
+
+    async def delete_vm_snapshot(self, name: str, snapname: str) -> None:
+        """Delete a running domain's internal snapshot from every image (``delvm``)."""
+
+    async def snapshot_disks(self, name: str, snapname: str, sources: list[str]) -> None:
+        """Snapshot the qcow2 images ``sources`` of a running domain at once, without RAM."""
+
+    async def block_resize(self, name: str, source: str, size: int) -> None:
+        """Tell a running domain its disk ``source`` (a path or RBD name) is now ``size`` bytes."""

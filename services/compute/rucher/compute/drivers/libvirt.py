@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import platform
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt  # type: ignore[import-untyped]
+import libvirt_qemu  # type: ignore[import-untyped]
 
 from rucher.bus import RucherError
 from rucher.compute.drivers.interface import DomainInfo, NodeFacts
@@ -222,6 +225,97 @@ class LibvirtHypervisor:
             return frozenset(path.name for path in SYS_NET.iterdir() if (path / "bridge").is_dir())
 
         return await asyncio.to_thread(work)
+
+    # The QEMU monitor: internal snapshots of running domains, live disk growth -------------
+
+    def _hmp(self, name: str, command: str) -> None:
+        """Run a human-monitor command; HMP reports failures as text, not as an error."""
+        out = libvirt_qemu.qemuMonitorCommand(
+            self._domain(name), command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+        )
+        text = str(out or "").strip()
+        if text:
+            raise RucherError(ErrorCode.INTERNAL, f"qemu: {command.split(maxsplit=1)[0]}: {text}")
+
+    def _qmp(self, name: str, execute: str, arguments: dict[str, Any] | None = None) -> Any:
+        message: dict[str, Any] = {"execute": execute}
+        if arguments is not None:
+            message["arguments"] = arguments
+        out = libvirt_qemu.qemuMonitorCommand(self._domain(name), json.dumps(message), 0)
+        reply = json.loads(out)
+        if "error" in reply:
+            raise RucherError(
+                ErrorCode.INTERNAL, f"qemu: {execute}: {reply['error'].get('desc', reply)}"
+            )
+        return reply.get("return")
+
+    async def save_vm(self, name: str, snapname: str) -> None:
+        """``savevm``: RAM, device state and every disk into internal qcow2 snapshots."""
+        await self._call(lambda: self._hmp(name, f"savevm {snapname}"))
+
+    async def load_vm(self, name: str, snapname: str) -> None:
+        """``loadvm``: back to a ``savevm`` snapshot; the domain runs on from there."""
+
+        def work() -> None:
+            self._hmp(name, f"loadvm {snapname}")
+            domain = self._domain(name)
+            if domain.info()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                domain.resume()
+
+        await self._call(work)
+
+    async def delete_vm_snapshot(self, name: str, snapname: str) -> None:
+        """``delvm``: drop an internal snapshot from every image of the running domain."""
+        await self._call(lambda: self._hmp(name, f"delvm {snapname}"))
+
+    async def snapshot_disks(self, name: str, snapname: str, sources: list[str]) -> None:
+        """One QMP transaction of ``blockdev-snapshot-internal-sync``, one per image."""
+
+        def work() -> None:
+            nodes: dict[str, str] = {}
+            for device in self._qmp(name, "query-block") or []:
+                inserted = device.get("inserted") or {}
+                if inserted.get("file") and inserted.get("node-name"):
+                    nodes[str(inserted["file"])] = str(inserted["node-name"])
+            missing = [source for source in sources if source not in nodes]
+            if missing:
+                raise RucherError(
+                    ErrorCode.INTERNAL, f"qemu: no block node for {', '.join(missing)}"
+                )
+            actions = [
+                {
+                    "type": "blockdev-snapshot-internal-sync",
+                    "data": {"device": nodes[source], "name": snapname},
+                }
+                for source in sources
+            ]
+            self._qmp(name, "transaction", {"actions": actions})
+
+        await self._call(work)
+
+    async def block_resize(self, name: str, source: str, size: int) -> None:
+        """Grow with libvirt ``blockResize`` the disk whose source is ``source``, in bytes."""
+
+        def work() -> None:
+            domain = self._domain(name)
+            target = _disk_target(domain.XMLDesc(0), source)
+            if target is None:
+                raise RucherError(ErrorCode.NOT_FOUND, f"domain {name} has no disk {source}")
+            domain.blockResize(target, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+
+        await self._call(work)
+
+
+def _disk_target(xml: str, source: str) -> str | None:
+    """The target device (``sda``) of the domain disk whose source file, device or name is it."""
+    for disk in ET.fromstring(xml).iter("disk"):  # noqa: S314 - libvirt's own XML
+        found = disk.find("source")
+        target = disk.find("target")
+        if found is None or target is None:
+            continue
+        if source in {found.get("file"), found.get("dev"), found.get("name")}:
+            return target.get("dev")
+    return None
 
 
 def _cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
