@@ -19,12 +19,14 @@ import signal
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rucher.testing import netns
+from rucher.testing.libvirt import DEFAULT_BRIDGE, NodeDaemon
 from rucher.testing.nats import NatsServer
 from rucher.testing.process import ManagedProcess, is_same_process_alive, process_start_ticks
 
@@ -61,6 +63,7 @@ class Node:
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
     readiness: dict[str, tuple[Callable[[], bool], float]] = field(default_factory=dict, repr=False)
     cut_off: bool = False
+    libvirt: bool = False
 
     @property
     def wrap(self) -> list[str]:
@@ -77,19 +80,46 @@ class Node:
         """This node's NATS client URL (reachable from the root namespace and every node)."""
         return self.nats.url
 
+    @property
+    def libvirtd(self) -> NodeDaemon:
+        """This node's own libvirtd (running only when the harness was built with libvirt)."""
+        return NodeDaemon(
+            root=self.state_dir / "libvirt",
+            address=self.address,
+            host_uuid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"rucher-harness:{self.namespace}")),
+            link=REGISTRY / self.namespace,
+        )
+
     def service_env(self, service: str) -> dict[str, str]:
         """The environment a Rucher service on this node gets (as ``ops/up`` gives it).
 
-        ``RUCHER_NATS_URL`` lists this node's server first, then the other members.
+        ``RUCHER_NATS_URL`` lists this node's server first, then the other members. With a
+        libvirtd of its own, the node's services are told how to reach it and its peers.
         """
         cluster, client = f":{NATS_CLUSTER_PORT}", f":{NATS_CLIENT_PORT}"
         others = [route.replace(cluster, client) for route in self.nats.routes]
-        return {
+        env = {
             "RUCHER_NATS_URL": ",".join([self.url, *others]),
             "RUCHER_NODE": self.name,
             "RUCHER_STATE_DIR": str(self.state_dir / "data" / service),
             "RUCHER_LOG_FORMAT": "json",
         }
+        if self.libvirt:
+            daemon = self.libvirtd
+            env |= {
+                "RUCHER_LIBVIRT_URI": daemon.uri,
+                "RUCHER_LIBVIRT_QEMU_PID_DIR": str(daemon.qemu_pid_dir),
+                "RUCHER_COMPUTE_MIGRATION_ADDRESS": self.address,
+            }
+        return env
+
+    def start_libvirtd(self) -> ManagedProcess:
+        """Start the node's libvirtd and virtlogd, with an isolated ``vmbr0`` for its guests."""
+        netns.ip("link", "add", DEFAULT_BRIDGE, "type", "bridge", netns=self.namespace)
+        netns.ip("link", "set", DEFAULT_BRIDGE, "up", netns=self.namespace)
+        daemon = self.libvirtd
+        daemon.prepare()
+        return self.start_process("libvirtd", daemon.argv(), ready=daemon.answers)
 
     def start_process(
         self,
@@ -198,6 +228,7 @@ class Node:
             "state_dir": str(self.state_dir),
             "routes": self.nats.routes,
             "cut_off": self.cut_off,
+            "libvirt": self.libvirt,
             "processes": [process.to_dict() for process in self.processes.values()],
         }
 
@@ -214,6 +245,7 @@ class Node:
             cluster_name=cluster_name,
         )
         node.cut_off = data["cut_off"]
+        node.libvirt = data.get("libvirt", False)
         node.processes = {p["name"]: ManagedProcess.from_dict(p) for p in data["processes"]}
         return node
 
@@ -254,12 +286,19 @@ class Harness:
     """
 
     def __init__(
-        self, size: int, root: Path, *, run_id: str | None = None, detached: bool = False
+        self,
+        size: int,
+        root: Path,
+        *,
+        run_id: str | None = None,
+        detached: bool = False,
+        libvirt: bool = False,
     ) -> None:
         if not 1 <= size <= 200:
             raise ValueError("a harness has 1 to 200 nodes")
         self.size = size
         self.root = root
+        self.libvirt = libvirt
         self.run_id = run_id or self.new_run_id()
         self.owner_pid = 0 if detached else os.getpid()
         self.owner_ticks = None if detached else process_start_ticks(self.owner_pid)
@@ -317,6 +356,9 @@ class Harness:
             for node in self.nodes:
                 _wait_until(node.nats_ready, READY_TIMEOUT, f"{node.name}/nats ready")
             self.wait_cluster_whole()
+            if self.libvirt:
+                for node in self.nodes:
+                    node.start_libvirtd()
             self.save()
         except BaseException:
             with contextlib.suppress(RuntimeError, OSError):
@@ -345,6 +387,7 @@ class Harness:
                 routes=[r for r in routes if r != f"nats://{address}:{NATS_CLUSTER_PORT}"],
                 cluster_name=CLUSTER_NAME,
             )
+            node.libvirt = self.libvirt
             self.nodes.append(node)
             self.save()
             netns.ip("netns", "add", node.namespace)
@@ -430,6 +473,8 @@ class Harness:
         for node in self.nodes:
             netns.ip("link", "del", node.host_veth, check=False)
             netns.ip("netns", "del", node.namespace, check=False)
+            if node.libvirt:
+                (REGISTRY / node.namespace).unlink(missing_ok=True)
         netns.ip("link", "del", self.bridge, check=False)
         leftovers = sorted(
             ({node.namespace for node in self.nodes} & netns.namespaces())
@@ -447,6 +492,7 @@ class Harness:
             "run_id": self.run_id,
             "size": self.size,
             "root": str(self.root),
+            "libvirt": self.libvirt,
             "owner_pid": self.owner_pid,
             "owner_ticks": self.owner_ticks,
             "subnet": str(self.subnet) if self.subnet else None,
@@ -465,7 +511,13 @@ class Harness:
     def load(cls, run_id: str) -> Harness:
         """Find a run again from its registry file (processes are tracked by pid from then on)."""
         data = json.loads((REGISTRY / f"{run_id}.json").read_text())
-        harness = cls(data["size"], Path(data["root"]), run_id=data["run_id"], detached=True)
+        harness = cls(
+            data["size"],
+            Path(data["root"]),
+            run_id=data["run_id"],
+            detached=True,
+            libvirt=data.get("libvirt", False),
+        )
         harness.owner_pid = data["owner_pid"]
         harness.owner_ticks = data["owner_ticks"]
         harness.subnet = ipaddress.IPv4Network(data["subnet"]) if data["subnet"] else None
@@ -517,6 +569,8 @@ def prune(*, include_detached: bool = False) -> list[str]:
         for name in sorted(netns.links()):
             if name.startswith(f"rh{run_id}"):
                 netns.ip("link", "del", name, check=False)
+        for link in REGISTRY.glob(f"rh{run_id}-*"):  # short links to node libvirtd folders
+            link.unlink(missing_ok=True)
         removed.append(run_id)
     return removed
 

@@ -35,6 +35,8 @@ def _print(harness: Harness) -> None:
             f"monitor http://{node.address}:{NATS_MONITOR_PORT}  runs: {running}"
         )
     print(f"  NATS servers: {','.join(harness.urls)}")
+    for node in harness.nodes if harness.libvirt else []:
+        print(f"  {node.name} libvirt: {node.libvirtd.uri} (peers: {node.libvirtd.peer_uri})")
     if harness.nodes:
         print(f"  a shell on a node: ip netns exec {harness.nodes[0].namespace} bash")
 
@@ -59,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("up", help="start N nodes and leave them running")
     start.add_argument("size", type=int)
+    start.add_argument(
+        "--libvirt", action="store_true", help="give every node a libvirtd of its own"
+    )
     commands.add_parser("status", help="describe the runs (or --run ID)")
     for name, text in [
         ("kill", "SIGKILL every process of NODE (a crash)"),
@@ -75,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         run_id = Harness.new_run_id()
         root = args.root / ".test-state" / "harness" / run_id
-        harness = Harness(args.size, root, run_id=run_id, detached=True).start()
+        harness = Harness(
+            args.size, root, run_id=run_id, detached=True, libvirt=args.libvirt
+        ).start()
         _print(harness)
         print(f"  stop it with: ops/harness --run {run_id} down")
         return 0

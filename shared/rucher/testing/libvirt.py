@@ -13,6 +13,8 @@ import contextlib
 import grp
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +31,10 @@ DEFAULT_BRIDGE = "vmbr0"
 START_PATIENCE = 30.0
 STOP_PATIENCE = 15.0
 MARK = "# managed by rucher ops/libvirt"
+# What a node's private libvirtd gets its own copy of (PLATFORM-NOTES.md: live migration).
+PRIVATE_DIRS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt",
+                "/var/log/libvirt")  # fmt: skip
+TCP_PORT = 16509
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,119 @@ def down(daemon: Daemon) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def _unavailable() -> str | None:
+@dataclass(frozen=True)
+class NodeDaemon:
+    """A libvirtd (with its virtlogd) private to one harness node, listening on its address.
+
+    It runs in a private mount namespace where the node's own folders are bound over
+    ``PRIVATE_DIRS`` (so QEMU state, secrets, logs and the host UUID are the node's), inside the
+    node's network namespace, and accepts peers on ``qemu+tcp://ADDRESS/system`` without
+    authentication: only the harness bridge reaches that address. Its ``/run`` is emptied at
+    every start, as a reboot would.
+    """
+
+    root: Path
+    address: str
+    host_uuid: str
+    link: Path | None = None
+
+    def folder(self, system: str) -> Path:
+        """The node's folder bound over the system folder ``system``."""
+        return self.root / system.strip("/").replace("/", "-")
+
+    @property
+    def socket(self) -> Path:
+        """The read-write UNIX socket, reachable from outside the mount namespace.
+
+        A UNIX socket's path has at most 107 bytes: through ``link`` (a short symlink to
+        ``root``) a daemon deep in a test's temporary folder can still be reached.
+        """
+        return (self.link or self.root) / self.folder("/run/libvirt").name / "libvirt-sock"
+
+    @property
+    def uri(self) -> str:
+        """The URI the node's compute agent opens."""
+        return f"qemu+unix:///system?socket={self.socket}"
+
+    @property
+    def peer_uri(self) -> str:
+        """The URI other nodes' libvirtds reach this one by (peer-to-peer migration)."""
+        return f"qemu+tcp://{self.address}/system"
+
+    @property
+    def qemu_pid_dir(self) -> Path:
+        """Where libvirtd writes each running domain's QEMU pid file."""
+        return self.folder("/run/libvirt") / "qemu"
+
+    def prepare(self) -> None:
+        """Create the node's folders from this machine's configuration, with its own settings.
+
+        QEMU's capability cache is copied so the first define does not probe QEMU again; the
+        ``default`` NAT network is left out (it would start dnsmasq and iptables rules).
+        """
+        fix_kvm_permissions()
+        for system in PRIVATE_DIRS:
+            self.folder(system).mkdir(parents=True, exist_ok=True)
+        if self.link is not None:
+            self.link.parent.mkdir(parents=True, exist_ok=True)
+            self.link.unlink(missing_ok=True)
+            self.link.symlink_to(self.root, target_is_directory=True)
+        etc = self.folder("/etc/libvirt")
+        if not (etc / "libvirtd.conf").exists() and Path("/etc/libvirt").is_dir():
+            shutil.copytree(
+                "/etc/libvirt",
+                etc,
+                dirs_exist_ok=True,
+                ignore=lambda folder, names: {"networks", "secrets"} & set(names),
+            )
+        cache = Path("/var/cache/libvirt/qemu/capabilities")
+        mine = self.folder("/var/cache/libvirt") / "qemu" / "capabilities"
+        if cache.is_dir() and not mine.exists():
+            shutil.copytree(cache, mine)
+        _set_options(etc / "qemu.conf", Daemon().settings["qemu.conf"])
+        _set_options(
+            etc / "libvirtd.conf",
+            {
+                "host_uuid": f'"{self.host_uuid}"',
+                "listen_tls": "0",
+                "listen_tcp": "1",
+                "listen_addr": f'"{self.address}"',
+                "tcp_port": f'"{TCP_PORT}"',
+                "auth_tcp": '"none"',
+            },
+        )
+
+    def argv(self) -> list[str]:
+        """The command that starts virtlogd and libvirtd in their private mount namespace.
+
+        Both stay in the command's process group (virtlogd as a background job, libvirtd by
+        ``exec``); QEMU processes leave it, so a node is killed through its network namespace.
+        """
+        run = self.folder("/run/libvirt")
+        steps = [
+            "set -e",
+            f"find {shlex.quote(str(run))} -mindepth 1 -delete",
+            *(
+                f"mount --bind {shlex.quote(str(self.folder(system)))} {system}"
+                for system in PRIVATE_DIRS
+            ),
+            f"virtlogd --pid-file {shlex.quote(str(self.root / 'virtlogd.pid'))} &",
+            f"exec libvirtd --listen --pid-file {shlex.quote(str(self.root / 'libvirtd.pid'))}",
+        ]
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(steps)]
+
+    def answers(self) -> bool:
+        """Whether libvirtd accepts connections on its socket."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
+
+
+def libvirt_unavailable() -> str | None:
+    """Why libvirtd cannot run here (not root, not installed), or None when it can."""
     if os.geteuid() != 0:
         return "libvirtd needs root"
     for program in ("libvirtd", "virtlogd", "qemu-system-x86_64"):
@@ -170,7 +288,7 @@ def _unavailable() -> str | None:
 @pytest.fixture(scope="session")
 def libvirtd() -> str:
     """A running system libvirtd (started if needed, left running); yields its URI."""
-    reason = _unavailable()
+    reason = libvirt_unavailable()
     if reason is not None:
         pytest.skip(reason)
     up(Daemon())

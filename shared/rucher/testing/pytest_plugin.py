@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from rucher.testing.harness import Harness, prune
+from rucher.testing.libvirt import libvirt_unavailable
 from rucher.testing.nats import NatsCluster, NatsServer
 from rucher.testing.netns import netns_unavailable
 
@@ -105,6 +106,8 @@ def _harness_unavailable() -> str | None:
 def harness_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HarnessFactory]:
     """Build multi-node harnesses: ``harness_factory(nodes=3, start=True) -> Harness``.
 
+    ``libvirt=True`` gives every node a libvirtd of its own (skipped where libvirtd cannot run).
+
     Skips the test when network namespaces cannot be created here (not root, no iproute2).
     Every harness it built is torn down at the end of the test, whatever happened.
     """
@@ -113,8 +116,10 @@ def harness_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[
         pytest.skip(f"multi-node harness unavailable: {reason}")
     built: list[Harness] = []
 
-    def build(nodes: int = 3, *, start: bool = True) -> Harness:
-        harness = Harness(nodes, tmp_path / f"harness-{len(built) + 1}")
+    def build(nodes: int = 3, *, start: bool = True, libvirt: bool = False) -> Harness:
+        if libvirt and (why := libvirt_unavailable()) is not None:
+            pytest.skip(f"a libvirtd per node is unavailable: {why}")
+        harness = Harness(nodes, tmp_path / f"harness-{len(built) + 1}", libvirt=libvirt)
         built.append(harness)
         return harness.start() if start else harness
 
