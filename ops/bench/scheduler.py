@@ -501,9 +501,9 @@ async def claims_throughput(
     """Claims/s committed by the scheduler's own service code against the cluster store."""
     from rucher.bus import Bus, RucherError
     from rucher.bus.provision import provision
+    from rucher.claims import BusEvents, KvClaimStore
     from rucher.scheduler.config import SchedulerSettings
     from rucher.scheduler.service import SchedulerService
-    from rucher.scheduler.store import BusEvents, KvClaimStore
     from rucher.service import Settings
 
     cluster = build_cluster(size, seed)

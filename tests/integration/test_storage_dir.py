@@ -16,7 +16,9 @@ import pytest
 
 from rucher.bus import KV
 from rucher.guests import config_digest
+from rucher.proto import compute
 from rucher.proto import storage as s
+from rucher.proto.common import PowerState
 from rucher.proto.errors import ErrorCode
 from rucher.proto.guest import GuestRecord, GuestType
 from rucher.proto.storage import ContentType, DiskFormat, StorageDefinition, StorageType
@@ -277,6 +279,46 @@ async def test_orphans_are_reported_until_their_guest_exists_and_never_deleted(b
     await refused(bus, s.VOLUME_FREE, ErrorCode.INVALID, "volid", volid=volume.volid)
     info = (await call(bus, s.VOLUME_INFO, volid=volume.volid)).volume
     assert info.notes == "keep" and info.protected
+
+
+async def test_a_volume_a_running_guest_attaches_is_not_changed(stack, bus, local):
+    volume = await allocate(bus, 195, format=DiskFormat.QCOW2, size=1 << 20)
+    path = local / "images/195/vm-195-disk-0.qcow2"
+    guests: KV[GuestRecord] = KV(bus, GUESTS, GuestRecord)
+    states = {195: PowerState.RUNNING}
+
+    async def status(query: compute.VmStatusQuery, _headers) -> compute.VmStatusReport:
+        return compute.VmStatusReport(vmid=query.vmid, status=states[query.vmid])
+
+    config = {"scsi0": f"{volume.volid},size=1M"}
+    await guests.put("195", GuestRecord(vmid=195, type=GuestType.QEMU, node="n1", config=config,
+                                        digest=config_digest(config, None)))  # fmt: skip
+    async with connected(stack[0], node="n1", service="compute") as agent:
+        await agent.serve(compute.GUEST_STATUS, status, node="n1")
+        for subject, fields in [
+            (s.VOLUME_FREE, {}),
+            (s.VOLUME_RESIZE, {"size": 4 << 20}),
+            (s.VOLUME_RENAME, {"vmid": 196}),
+        ]:
+            error = await refused(bus, subject, ErrorCode.INVALID, "volid", volid=volume.volid,
+                                  **fields)  # fmt: skip
+            assert "in use by running guest 195" in error.message, error
+        assert qemu_img_info(path)["virtual-size"] == 1 << 20
+
+        states[195] = PowerState.STOPPED
+        grown = (await call(bus, s.VOLUME_RESIZE, volid=volume.volid, size=4 << 20)).volume
+        assert grown.size == 4 << 20
+
+        # An owner on a node whose agent does not answer: unknown, so refused as unavailable.
+        away = GuestRecord(vmid=195, type=GuestType.QEMU, node="n9", config=config,
+                           digest=config_digest(config, None))  # fmt: skip
+        await guests.put("195", away)
+        error = await refused(bus, s.VOLUME_FREE, ErrorCode.UNAVAILABLE, "volid",
+                              volid=volume.volid)  # fmt: skip
+        assert "cannot tell whether guest 195 on node 'n9'" in error.message
+    await guests.delete("195")
+    await call(bus, s.VOLUME_FREE, volid=volume.volid)
+    assert not path.exists()
 
 
 # Uploads and downloads ----------------------------------------------------------------------

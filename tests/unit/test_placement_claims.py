@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from rucher.bus import RucherError
+from rucher.claims import guest_reservation
 from rucher.placement import ClusterView
 from rucher.proto.errors import ErrorCode
 from rucher.proto.scheduler import (
@@ -24,7 +25,6 @@ from rucher.proto.scheduler import (
     SuggestMigration,
 )
 from rucher.scheduler.config import SchedulerSettings
-from rucher.scheduler.ledger import guest_reservation
 from rucher.scheduler.service import SchedulerService
 from rucher.service import Settings, SettingsError
 
@@ -263,7 +263,7 @@ async def test_a_confirmation_reaching_another_scheduler_reads_the_store():
     first, _ = scheduler(store, clock, "a")
     placed = (await first.place_guest(command(101))).placement
     other, _ = scheduler(MemoryStore(clock), clock, "a")
-    other.store = store  # same store, but this instance has not seen the document yet
+    other.claims.store = store  # same store, but this instance has not seen the document yet
     await other.confirm(
         ClaimConfirm(
             command_id="x",

@@ -37,6 +37,7 @@ from rucher.proto.storage import (
 from rucher.storage.copies import Copier
 from rucher.storage.drivers import NodeContext
 from rucher.storage.drivers.fake import FakeDriver
+from rucher.storage.inuse import attached_volumes
 from rucher.storage.pool import DriverPool
 from rucher.storage.revert import Revert
 from rucher.storage.service import StorageService
@@ -78,9 +79,15 @@ class MemoryBook:
 @dataclass
 class Guests:
     known: dict[int, GuestType] = field(default_factory=dict)
+    configs: dict[int, dict[str, str]] = field(default_factory=dict)
+    running: set[int] = field(default_factory=set)
 
     async def guests(self) -> dict[int, GuestType]:
         return dict(self.known)
+
+    async def running_users(self, volid: str) -> list[int]:
+        return [vmid for vmid, config in self.configs.items()
+                if vmid in self.running and volid in attached_volumes(config)]  # fmt: skip
 
 
 @dataclass

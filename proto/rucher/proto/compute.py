@@ -84,12 +84,17 @@ class DriftKind(StrEnum):
 
 
 class VmCreate(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.create"):
-    """Create a VM from Proxmox config keys; ``STORAGE:SIZE`` disk values allocate new disks."""
+    """Create a VM from Proxmox config keys; ``STORAGE:SIZE`` disk values allocate new disks.
+
+    With ``claim_id`` (and its ``claim_token``) the scheduler reserved this node for the VM: the
+    agent confirms the claim once the VM is defined and releases it when the create fails.
+    """
 
     config: dict[ConfigKey, str]
     start: bool = False
     pool: PoolId | None = None
     claim_id: str | None = None
+    claim_token: int = 0
 
 
 class VmStart(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.start"):

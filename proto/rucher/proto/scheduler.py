@@ -254,11 +254,16 @@ class ClaimConfirm(Command, frozen=True, kw_only=True, tag="scheduler.claim.conf
 
 
 class ClaimRelease(Command, frozen=True, kw_only=True, tag="scheduler.claim.release"):
-    """Give a claim's resources back (the create or start it was for failed or was cancelled)."""
+    """Give a claim's resources back (the create or start it was for failed or was cancelled).
+
+    With ``vmid`` and ``node`` and an empty ``claim_id``, every claim of that guest on that node
+    is released (its agent destroyed the guest and does not keep claim ids).
+    """
 
     claim_id: str
     reason: str = ""
     node: NodeName | None = None
+    vmid: Vmid | None = None
 
 
 # Events --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""What the scheduler knows is held on each node: allocations documents, guests, claims in flight.
+"""What is known to be held on each node: allocations documents, guests, claims in flight.
 
 A node's row in the cluster view is always derived from three things: the last allocations
 document read for it (claims still pending or confirmed, at a known revision), the guests that

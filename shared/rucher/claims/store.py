@@ -1,4 +1,8 @@
-"""The claim store in the cluster's KV buckets: per-node allocations and per-claim records."""
+"""Where claims live and what is said about them: the cluster's KV buckets and claim events.
+
+``allocations`` holds one document per node, written only by compare-and-set; ``claims`` holds
+each unconfirmed claim under its id with the claim's TTL, so its expiry is observed.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -27,7 +31,39 @@ from rucher.proto.scheduler import (
 )
 from rucher.proto.streams import ALLOCATIONS, CLAIMS
 
-log = structlog.get_logger("rucher.scheduler.store")
+log = structlog.get_logger("rucher.claims")
+
+
+class ClaimStore(Protocol):
+    """Where claims live: per-node allocations (compare-and-set) and per-claim records."""
+
+    async def read(self, node: str) -> tuple[NodeAllocations | None, int]:
+        """A node's allocations document and its revision (0 when it has none)."""
+
+    async def write(self, node: str, document: NodeAllocations, revision: int) -> int:
+        """Replace the document if still at ``revision``; raises ``conflict`` otherwise."""
+
+    async def open_claim(self, claim: Claim, ttl: float) -> int:
+        """Record a claim expiring after ``ttl`` s; returns its token (a growing revision)."""
+
+    async def close_claim(self, claim_id: str) -> None:
+        """Remove a claim's record; absent is fine."""
+
+    async def find_claim(self, claim_id: str) -> Claim | None:
+        """The record of a claim still pending."""
+
+
+class ClaimEvents(Protocol):
+    """Where claim events go."""
+
+    def claim_created(self, claim: Claim) -> None:
+        """A claim was committed."""
+
+    def claim_confirmed(self, claim: Claim) -> None:
+        """An agent confirmed a claim."""
+
+    def claim_ended(self, claim: Claim, outcome: ClaimEnd) -> None:
+        """A claim stopped holding resources."""
 
 
 class KvClaimStore:

@@ -10,6 +10,7 @@ import structlog
 
 from rucher.bus import Bus, RucherError
 from rucher.bus.client import new_id
+from rucher.compute.claims import BusClaims
 from rucher.compute.config import ComputeSettings
 from rucher.compute.domain_xml import HostFacts
 from rucher.compute.drivers.libvirt import LibvirtHypervisor, kvm_usable
@@ -98,6 +99,7 @@ async def setup(context: ServiceContext) -> None:
         node=context.settings.node,
         facts=HostFacts(kvm=kvm, console_dir=str(settings.console_dir)),
         shutdown_timeout=settings.shutdown_timeout,
+        claim_client=BusClaims(context.bus),
     )
     drift = await reconcile(service)
     log.info("reconciled", uri=settings.libvirt_uri, kvm=kvm, drift=len(drift))

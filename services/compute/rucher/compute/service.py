@@ -13,7 +13,7 @@ import structlog
 
 from rucher.bus import RucherError
 from rucher.bus.client import new_id
-from rucher.compute import admission, disks
+from rucher.compute import admission, claims, disks
 from rucher.compute.disks import VolumeStore
 from rucher.compute.domain_xml import HostFacts, domain_name, vmid_of
 from rucher.compute.drivers.interface import DomainInfo, Hypervisor
@@ -149,6 +149,7 @@ class ComputeService:
         facts: HostFacts,
         shutdown_timeout: float = 180.0,
         clock: Callable[[], float] = time.time,
+        claim_client: claims.ClaimClient | None = None,
     ) -> None:
         self.hypervisor = hypervisor
         self.guests = guests
@@ -159,6 +160,7 @@ class ComputeService:
         self.facts = facts
         self.shutdown_timeout = shutdown_timeout
         self.clock = clock
+        self.claim_client = claim_client
         self._samples: dict[int, Sample] = {}
 
     # Helpers ----------------------------------------------------------------------------
@@ -294,7 +296,8 @@ class ComputeService:
         async def body(task: TaskLog) -> None:
             name = domain_name(command.vmid)
             undo: list[Callable[[], Awaitable[None]]] = [
-                lambda: self.guests.remove(command.vmid, lock_held=GuestLock.CREATE)
+                claims.release_failed(self.claim_client, command),
+                lambda: self.guests.remove(command.vmid, lock_held=GuestLock.CREATE),
             ]
             done = False
             try:
@@ -316,6 +319,7 @@ class ComputeService:
                 await self.events.emit(compute.GUEST_CREATED, created)
                 await self.state_changed(command.vmid, PowerState.STOPPED, None, task.upid)
                 done = True
+                await claims.confirm_created(self.claim_client, command, task.log)
             finally:
                 if not done:
                     await task.log("create failed: removing what was made")
@@ -379,6 +383,7 @@ class ComputeService:
                 command.vmid, lock_held=record.lock if command.skiplock else None
             )
             self._samples.pop(command.vmid, None)
+            await claims.release_destroyed(self.claim_client, command.vmid)
             await self.events.emit(
                 compute.GUEST_DESTROYED,
                 compute.VmDestroyed(**self.event_fields(), vmid=command.vmid, upid=task.upid),

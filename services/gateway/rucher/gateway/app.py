@@ -21,6 +21,7 @@ from rucher.gateway.routes import (
     access,
     cluster,
     nodes,
+    placement,
     pools,
     qemu,
     storage,
@@ -36,6 +37,7 @@ ROUTE_TABLES: tuple[RouteTable, ...] = (
     cluster.ROUTES,
     nodes.ROUTES,
     qemu.ROUTES,
+    placement.ROUTES,
     storage.ROUTES,
     tasks.ROUTES,
     pools.ROUTES,
@@ -93,9 +95,13 @@ def handlers(tables: Iterable[RouteTable]) -> dict[tuple[str, str], Handler]:
 
 
 def create_app(gateway: Gateway) -> FastAPI:
-    """The application serving ``gateway``; the schema and the handlers must match exactly."""
+    """The application serving ``gateway``; the schema and the handlers must match exactly.
+
+    The schema served is Proxmox's plus Rucher's documented extensions (``POST /cluster/qemu``).
+    """
     declared = handlers(ROUTE_TABLES)
-    expected = set(gateway.schema.by_key)
+    schema = placement.extend(gateway.schema)
+    expected = set(schema.by_key)
     if set(declared) != expected:
         missing = sorted(expected - set(declared))
         extra = sorted(set(declared) - expected)
@@ -103,9 +109,9 @@ def create_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(
         title="Rucher", version=gateway.version, openapi_url=None, docs_url=None, redoc_url=None
     )
-    for endpoint in gateway.schema.endpoints:
+    for endpoint in schema.endpoints:
         app.router.routes.append(build_route(endpoint, declared[endpoint.key], gateway))
-    document = msgspec.json.encode(openapi.build(gateway.schema, API_PREFIX, gateway.version))
+    document = msgspec.json.encode(openapi.build(schema, API_PREFIX, gateway.version))
 
     async def openapi_document(request: Request) -> Response:
         return Response(document, media_type="application/json")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 
+from rucher.claims import BusEvents, KvClaimStore
 from rucher.placement import ClusterView
 from rucher.registry import instance_key
 from rucher.scheduler.config import SchedulerSettings
@@ -13,7 +14,6 @@ from rucher.scheduler.feed import ClusterFeed
 from rucher.scheduler.handlers import serve
 from rucher.scheduler.reaper import ClaimReaper
 from rucher.scheduler.service import SchedulerService
-from rucher.scheduler.store import BusEvents, KvClaimStore
 from rucher.service import ServiceContext, main
 
 

@@ -21,25 +21,27 @@ from nats.js import api
 
 from rucher.bus import KV, Bus, Entry, Operation, RucherError
 from rucher.bus.codec import decode
+from rucher.claims import guest_reservation
 from rucher.placement import ClusterView
 from rucher.proto.base import Subject
 from rucher.proto.cluster import NODE_CAPACITY_PUBLISHED, CapacityPublished
 from rucher.proto.errors import ErrorCode
-from rucher.proto.gpu import INVENTORY_PUBLISHED, InventoryPublished
+from rucher.proto.gpu import INVENTORY_PUBLISHED, InventoryPublished, PciMapping
 from rucher.proto.guest import GuestRecord
 from rucher.proto.ha import MANAGER_STATUS_PUBLISHED, ManagerStatusPublished, NodeState
 from rucher.proto.keys import decode_token, split_key
 from rucher.proto.node import LeaseRecord
 from rucher.proto.scheduler import NodeAllocations
 from rucher.proto.storage import STATUS_PUBLISHED, StorageStatusPublished
-from rucher.proto.streams import ALLOCATIONS, EVENTS, GUESTS, SERVICES
-from rucher.scheduler.ledger import guest_reservation
+from rucher.proto.streams import ALLOCATIONS, EVENTS, GUESTS, MAPPINGS, SERVICES
 from rucher.scheduler.service import SchedulerService
 
 log = structlog.get_logger("rucher.scheduler.feed")
 
 T = TypeVar("T", bound=msgspec.Struct)
 LOAD_PATIENCE = 30.0
+# The ``mappings`` bucket's key prefix of PCI resource mappings (``pci.{id}``).
+PCI_MAPPINGS = "pci"
 # Manager states in which a node takes no new guests.
 CLOSED = frozenset({NodeState.MAINTENANCE, NodeState.FENCE, NodeState.UNKNOWN, NodeState.GONE})
 
@@ -64,6 +66,7 @@ class ClusterFeed:
         self.agents_on: dict[str, int] = {}  # node -> agents registered there
         self.guest_nodes: dict[int, str] = {}
         self.closed: set[str] = set()
+        self.mappings: dict[str, PciMapping] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._subscriptions: list[Subscription] = []
         self._loaded: list[asyncio.Event] = []
@@ -73,6 +76,7 @@ class ClusterFeed:
         self._follow(KV(self.bus, SERVICES, LeaseRecord), self._on_registration)
         self._follow(KV(self.bus, ALLOCATIONS, NodeAllocations), self._on_allocations)
         self._follow(KV(self.bus, GUESTS, GuestRecord), self._on_guest)
+        self._follow(KV(self.bus, MAPPINGS, PciMapping), self._on_mapping)
         await self._events(NODE_CAPACITY_PUBLISHED, self._on_capacity)
         await self._events(STATUS_PUBLISHED, self._on_storage)
         await self._events(INVENTORY_PUBLISHED, self._on_inventory)
@@ -168,6 +172,16 @@ class ClusterFeed:
             self.service.ledger.set_guest(record.node, guest, vmid)
         if self.on_guest is not None and previous != (record.node if record else None):
             self.on_guest(vmid, record.node if record else None)
+
+    def _on_mapping(self, entry: Entry[PciMapping]) -> None:
+        parts = split_key(entry.key)
+        if len(parts) != 2 or parts[0] != PCI_MAPPINGS:
+            return
+        if entry.operation is Operation.PUT and entry.value is not None:
+            self.mappings[parts[1]] = entry.value
+        elif self.mappings.pop(parts[1], None) is None:
+            return
+        self.view.set_mappings(self.mappings.values())
 
     def _on_capacity(self, event: CapacityPublished) -> None:
         self.view.set_capacity(event.capacity)

@@ -23,8 +23,10 @@ from nats.aio.msg import Msg
 from rucher.bus import KV, Bus, RucherError
 from rucher.bus.codec import decode, encode
 from rucher.bus.kv import Operation
+from rucher.proto import compute, container
 from rucher.proto.base import Address, RpcSubject
 from rucher.proto.bus import AppliedCommand
+from rucher.proto.common import PowerState
 from rucher.proto.errors import ErrorCode
 from rucher.proto.guest import GuestRecord, GuestType
 from rucher.proto.keys import decode_token, encode_token, make_key
@@ -36,6 +38,7 @@ from rucher.proto.storage import (
     VolumeRenamed,
 )
 from rucher.proto.streams import GUESTS, IDEMPOTENCY, STORAGE, UPLOADS
+from rucher.storage.inuse import attached_volumes
 from rucher.storage.ports import E, UploadInfo
 from rucher.storage.volnames import invalid
 
@@ -45,6 +48,8 @@ T = TypeVar("T", bound=msgspec.Struct)
 R = TypeVar("R", bound=msgspec.Struct)
 
 CAS_ATTEMPTS = 5
+# How long an agent gets to say whether a guest using a volume runs (it answers from memory).
+STATUS_TIMEOUT = 5.0
 # How long background writes (events, applied-command records) wait, so that the reply which
 # caused them reaches the NATS server first.
 AFTER_REPLY = 0.002
@@ -137,10 +142,55 @@ class KvDefinitionBook:
 
 
 class KvGuestDirectory:
-    """Guests from the ``guests`` bucket."""
+    """Guests from the ``guests`` bucket; whether one runs, from the agent that owns it.
 
-    def __init__(self, bus: Bus) -> None:
+    The bucket says which guests attach a volume and which node owns each; only the owning
+    agent knows whether its hypervisor runs the guest now (the registry records configuration,
+    not power state, and state events may lag), so it is asked, as Proxmox asks the local QEMU.
+    """
+
+    def __init__(self, bus: Bus, *, status_timeout: float = STATUS_TIMEOUT) -> None:
+        self.bus = bus
         self.kv: KV[GuestRecord] = KV(bus, GUESTS, GuestRecord)
+        self.status_timeout = status_timeout
+
+    async def running_users(self, volid: str) -> list[int]:
+        """VMIDs of guests that attach ``volid`` and are not stopped."""
+        users = [
+            entry.value
+            for entry in await self.kv.entries()
+            if entry.value is not None and volid in attached_volumes(entry.value.config)
+        ]
+        states = await asyncio.gather(*(self._running(record) for record in users))
+        return [record.vmid for record, running in zip(users, states, strict=True) if running]
+
+    async def _running(self, record: GuestRecord) -> bool:
+        """Whether the owning agent runs the guest; ``unavailable`` when it cannot be asked."""
+        try:
+            if record.type is GuestType.LXC:
+                ct = await self.bus.request(
+                    container.GUEST_STATUS.to(node=record.node),
+                    container.CtStatusQuery(vmid=record.vmid),
+                    timeout=self.status_timeout,
+                )
+                state = ct.status
+            else:
+                vm = await self.bus.request(
+                    compute.GUEST_STATUS.to(node=record.node),
+                    compute.VmStatusQuery(vmid=record.vmid),
+                    timeout=self.status_timeout,
+                )
+                state = vm.status
+        except RucherError as err:
+            if err.code is ErrorCode.NOT_FOUND:
+                return False  # its agent has no such guest: nothing runs it
+            raise RucherError(
+                ErrorCode.UNAVAILABLE,
+                f"cannot tell whether guest {record.vmid} on node '{record.node}', which uses "
+                f"this volume, is running: {err.message}",
+                details={"field": "volid", "vmid": record.vmid},
+            ) from err
+        return state is not PowerState.STOPPED
 
     async def guests(self) -> dict[int, GuestType]:
         """Every guest's VMID and type."""

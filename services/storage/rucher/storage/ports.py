@@ -48,6 +48,10 @@ class GuestDirectory(Protocol):
         """Every guest's VMID and type."""
         ...
 
+    async def running_users(self, volid: str) -> list[int]:
+        """VMIDs of guests that attach ``volid`` and run; ``unavailable`` if that is unknown."""
+        ...
+
 
 class EventSink(Protocol):
     """Publishes events without holding up the reply that caused them."""

@@ -35,6 +35,7 @@ from rucher.proto.storage import (
     StorageStatusPublished,
     StorageStatusQuery,
     StorageStatusReport,
+    StorageType,
     VolumeAllocate,
     VolumeAllocated,
     VolumeClone,
@@ -61,6 +62,7 @@ from rucher.storage import volnames
 from rucher.storage.checks import check_content, check_space, gib, kib_rounded, new_disk
 from rucher.storage.copies import Copier
 from rucher.storage.drivers.interface import Capacity, Volume
+from rucher.storage.inuse import in_use
 from rucher.storage.pool import DriverPool, applies_to
 from rucher.storage.ports import EventSink, GuestDirectory
 from rucher.storage.volnames import invalid
@@ -124,6 +126,12 @@ class StorageService:
             notes=volume.notes,
             ctime=volume.ctime,
         )
+
+    async def _refuse_running(self, volid: str) -> None:
+        """Refuse to change a volume that a running guest has attached."""
+        running = await self.guests.running_users(volid)
+        if running:
+            raise in_use(volid, running)
 
     def _details(self, storage: str, volume: Volume) -> VolumeDetails:
         return VolumeDetails(volume=self._info(storage, volume, {}))
@@ -206,6 +214,10 @@ class StorageService:
             if disk.size <= 0:
                 raise invalid("a disk needs a size above 0", "size")
             await check_space(driver, disk.size)
+        if disk.name is not None:  # a name chosen by the caller may be one a guest still uses
+            rbd = definition.storage_type is StorageType.RBD
+            volname = disk.name if rbd else f"{disk.vmid}/{disk.name}"
+            await self._refuse_running(f"{definition.storage}:{volname}")
         async with self.pool.lock(definition.storage):
             volume = await driver.allocate(disk)
         volid = f"{definition.storage}:{volume.name}"
@@ -226,6 +238,7 @@ class StorageService:
                 "You can delete the image from the guest's hardware pane",
                 "volid",
             )
+        await self._refuse_running(command.volid)
         async with self.pool.lock(definition.storage):
             await driver.free(volname)
         log.info("volume_freed", volid=command.volid)
@@ -245,6 +258,8 @@ class StorageService:
         if size == volume.size:
             return self._details(definition.storage, volume)
         await check_space(driver, size - volume.size)
+        # A running guest's disk grows through its hypervisor (QEMU block_resize), never under it.
+        await self._refuse_running(command.volid)
         async with self.pool.lock(definition.storage):
             volume = await driver.resize(volname, size)
         event = VolumeResized(**self._event(), volid=command.volid, size=volume.size)
@@ -270,6 +285,7 @@ class StorageService:
     async def snapshot_rollback(self, command: VolumeSnapshotRollback) -> Done:
         """Roll one volume back to a snapshot."""
         driver, definition, _, volname = await self.pool.volume(command.volid)
+        await self._refuse_running(command.volid)
         async with self.pool.lock(definition.storage):
             await driver.snapshot_rollback(volname, command.snapname)
         return Done()
@@ -288,6 +304,7 @@ class StorageService:
         driver, definition, parsed, volname = await self.pool.volume(command.volid)
         if parsed.content not in DISK_CONTENT:
             raise invalid(f"'{command.volid}' is not a disk", "volid")
+        await self._refuse_running(command.volid)
         async with self.pool.lock(definition.storage):
             volume = await driver.create_base(volname)
         new_volid = f"{definition.storage}:{volume.name}"
@@ -341,6 +358,7 @@ class StorageService:
             target, _ = volnames.requested_name(
                 definition.storage_type, command.vmid, command.filename, parsed.format
             )
+        await self._refuse_running(command.volid)
         async with self.pool.lock(definition.storage):
             volume = await driver.rename(volname, command.vmid, target)
         new_volid = f"{definition.storage}:{volume.name}"
