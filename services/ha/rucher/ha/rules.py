@@ -1,0 +1,174 @@
+"""Placement rules: node affinity, resource affinity, and the older groups mapped onto them.
+
+``compile_rules`` turns the configured rules (and groups) into per-service lookups; the helpers
+answer which nodes a service may and should use and which nodes its affine resources pull it to
+or push it from, the way Proxmox's ``PVE::HA::Rules`` modules do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from rucher.ha.model import (
+    NodeAffinityRule,
+    ResourceAffinityRule,
+    RulesConfig,
+    ServiceConfig,
+    ServiceData,
+)
+
+INACTIVE_STATES = frozenset({"stopped", "request_stop"})
+
+
+@dataclass
+class CompiledRules:
+    """Per-service lookups: its node-affinity rule and its affine resources."""
+
+    node_affinity: dict[str, NodeAffinityRule] = field(default_factory=dict)
+    positive: dict[str, set[str]] = field(default_factory=dict)
+    negative: dict[str, set[str]] = field(default_factory=dict)
+
+
+def groups_to_rules(config: RulesConfig, services: Mapping[str, ServiceConfig]) -> RulesConfig:
+    """Add one node-affinity rule per used group, as Proxmox's migration to rules does."""
+    members: dict[str, list[str]] = {}
+    for sid in sorted(services):
+        group = services[sid].group
+        if group is not None and group in config.groups:
+            members.setdefault(group, []).append(sid)
+    rules = list(config.node_affinity)
+    for name in sorted(members):
+        group = config.groups[name]
+        rules.append(
+            NodeAffinityRule(
+                name=f"ha-group-{name}",
+                resources=tuple(members[name]),
+                nodes=dict(group.nodes),
+                strict=group.restricted,
+            )
+        )
+    return RulesConfig(
+        node_affinity=tuple(rules),
+        resource_affinity=config.resource_affinity,
+        groups=config.groups,
+    )
+
+
+def apply_group_failback(config: RulesConfig, services: Mapping[str, ServiceConfig]) -> None:
+    """A group's ``nofailback`` becomes its resources' ``failback = false``."""
+    for service in services.values():
+        group = config.groups.get(service.group or "")
+        if group is not None and group.nofailback:
+            service.failback = False
+
+
+def _merge_positive(rules: Iterable[ResourceAffinityRule]) -> list[set[str]]:
+    sets: list[set[str]] = []
+    for rule in rules:
+        merged = set(rule.resources)
+        rest = []
+        for existing in sets:
+            if existing & merged:
+                merged |= existing
+            else:
+                rest.append(existing)
+        sets = [*rest, merged]
+    return sets
+
+
+def compile_rules(config: RulesConfig, nodes: Iterable[str]) -> CompiledRules:
+    """Per-service lookups from the rules, ignoring nodes that are not cluster members."""
+    known = set(nodes)
+    compiled = CompiledRules()
+    seen: dict[str, int] = {}
+    for rule in config.node_affinity:
+        for sid in rule.resources:
+            seen[sid] = seen.get(sid, 0) + 1
+    for rule in config.node_affinity:
+        usable = {node: prio for node, prio in rule.nodes.items() if node in known}
+        for sid in rule.resources:
+            if seen[sid] == 1 and usable:
+                compiled.node_affinity[sid] = NodeAffinityRule(
+                    name=rule.name, resources=rule.resources, nodes=usable, strict=rule.strict
+                )
+    positive = [rule for rule in config.resource_affinity if rule.affinity == "positive"]
+    for together in _merge_positive(positive):
+        for sid in together:
+            compiled.positive[sid] = together - {sid}
+    for rule in config.resource_affinity:
+        if rule.affinity != "negative":
+            continue
+        for sid in rule.resources:
+            compiled.negative.setdefault(sid, set()).update(set(rule.resources) - {sid})
+    return compiled
+
+
+def get_node_affinity(
+    rules: CompiledRules, sid: str, online: set[str]
+) -> tuple[set[str], set[str]]:
+    """The nodes the service may use, and among them those of the highest priority."""
+    rule = rules.node_affinity.get(sid)
+    if rule is None:
+        return set(online), set(online)
+    allowed: set[str] = set()
+    by_priority: dict[int, set[str]] = {}
+    for node, priority in rule.nodes.items():
+        if node in online:
+            allowed.add(node)
+            by_priority.setdefault(priority, set()).add(node)
+    if not rule.strict:
+        for node in online - allowed:
+            allowed.add(node)
+            by_priority.setdefault(-1, set()).add(node)
+    if not by_priority:
+        return allowed, set()
+    return allowed, by_priority[max(by_priority)]
+
+
+def get_resource_affinity(
+    rules: CompiledRules, sid: str, status: Mapping[str, ServiceData], online: set[str]
+) -> tuple[dict[str, int], set[str]]:
+    """Nodes the service's positive partners use (with counts) and its negative partners use."""
+    together: dict[str, int] = {}
+    separate: set[str] = set()
+    for other in sorted(rules.positive.get(sid, ())):
+        data = status.get(other)
+        if data is None or data.state in INACTIVE_STATES:
+            continue
+        for node in (data.node, data.target):
+            if node is not None and node in online:
+                together[node] = together.get(node, 0) + 1
+    for other in sorted(rules.negative.get(sid, ())):
+        data = status.get(other)
+        if data is None or data.state in INACTIVE_STATES:
+            continue
+        for node in (data.node, data.target):
+            if node is not None and node in online:
+                separate.add(node)
+    return together, separate
+
+
+def is_allowed_on_node(together: dict[str, int], separate: set[str], node: str) -> bool:
+    """Whether the resource-affinity rules let the service stay on ``node``."""
+    if node in separate:
+        return False
+    return not together or node in together
+
+
+def apply_negative(separate: set[str], nodes: set[str]) -> None:
+    """Drop the nodes a negative partner uses."""
+    nodes -= separate
+
+
+def apply_positive(together: dict[str, int], nodes: set[str]) -> None:
+    """Keep only the node most positive partners use."""
+    if not together:
+        return
+    majority = sorted(sorted(together), key=lambda node: -together[node])[0]
+    nodes.intersection_update({majority})
+
+
+def affine_resources(rules: CompiledRules, sid: str) -> tuple[set[str], set[str]]:
+    """The resources kept together with and apart from ``sid``."""
+    return set(rules.positive.get(sid, ())), set(rules.negative.get(sid, ()))

@@ -1,0 +1,1 @@
+"""A simulated cluster with a virtual clock that runs Proxmox's HA regression scenarios."""
