@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from rucher.bus import RucherError
+from rucher.compute.disks import CloneOptions
 from rucher.compute.domain_xml import HostFacts, domain_name
 from rucher.compute.drivers.fake import FakeHypervisor
 from rucher.compute.reconcile import reconcile
@@ -89,6 +90,34 @@ class MemoryGuests:
         self.records[vmid] = msgspec.structs.replace(await self.get(vmid), lock=None)
         return self.records[vmid]
 
+    async def set_lock(
+        self, vmid: int, lock: GuestLock, *, digest: str | None = None
+    ) -> GuestRecord:
+        record = await self.get(vmid)
+        if record.lock is not None:
+            raise RucherError(ErrorCode.LOCKED, f"VM is locked ({record.lock})")
+        self.records[vmid] = msgspec.structs.replace(record, lock=lock)
+        return self.records[vmid]
+
+    async def rewrite(
+        self,
+        vmid: int,
+        change: Any,
+        *,
+        digest: str | None = None,
+        lock_held: GuestLock | None = None,
+    ) -> GuestRecord:
+        record = await self.get(vmid)
+        if digest is not None and digest != record.digest:
+            raise RucherError(ErrorCode.CONFLICT, "modified")
+        if record.lock is not None and record.lock is not lock_held:
+            raise RucherError(ErrorCode.LOCKED, f"VM is locked ({record.lock})")
+        changed = change(record)
+        self.records[vmid] = msgspec.structs.replace(
+            changed, digest=config_digest(changed.config, changed.lock)
+        )
+        return self.records[vmid]
+
     async def remove(
         self, vmid: int, *, digest: str | None = None, lock_held: GuestLock | None = None
     ) -> None:
@@ -147,6 +176,9 @@ class FakeVolumes:
         self.volumes: dict[str, int] = {"local:iso/live.iso": 1 << 20}
         self.calls: list[tuple[str, str]] = []
         self.refuse_free: str | None = None
+        self.refuse_snapshot: str | None = None
+        self.refuse_clone: str | None = None
+        self.snapshots: dict[str, set[str]] = {}
 
     async def allocate(
         self, storage: str, vmid: int, size: int, fmt: DiskFormat | None
@@ -170,6 +202,67 @@ class FakeVolumes:
             raise RucherError(ErrorCode.INVALID, f"volume '{volid}' is protected")
         if self.volumes.pop(volid, None) is None:
             raise RucherError(ErrorCode.NOT_FOUND, f"volume '{volid}' does not exist")
+
+    def _info(self, volid: str) -> VolumeInfo:
+        if volid not in self.volumes:
+            raise RucherError(ErrorCode.NOT_FOUND, f"volume '{volid}' does not exist")
+        fmt = volid.rsplit(".", 1)[-1]
+        return VolumeInfo(
+            volid=volid, content=ContentType.IMAGES, format=fmt, size=self.volumes[volid]
+        )
+
+    async def info(self, volid: str) -> VolumeInfo:
+        return self._info(volid)
+
+    async def resize(self, volid: str, size: int) -> VolumeInfo:
+        self.calls.append(("resize", f"{volid}:{size}"))
+        if size < self._info(volid).size:
+            raise RucherError(ErrorCode.INVALID, "shrinking disks is not supported")
+        self.volumes[volid] = size
+        return self._info(volid)
+
+    async def snapshot(self, volid: str, snapname: str) -> None:
+        self._info(volid)
+        if snapname in self.snapshots.setdefault(volid, set()):
+            raise RucherError(ErrorCode.EXISTS, f"snapshot '{snapname}' already exists")
+        if snapname == self.refuse_snapshot:
+            raise RucherError(ErrorCode.INTERNAL, "qemu-img: snapshot failed")
+        self.snapshots[volid].add(snapname)
+        self.calls.append(("snapshot", f"{volid}@{snapname}"))
+
+    async def rollback(self, volid: str, snapname: str) -> None:
+        if snapname not in self.snapshots.get(volid, set()):
+            raise RucherError(ErrorCode.NOT_FOUND, f"snapshot '{snapname}' does not exist")
+        self.calls.append(("rollback", f"{volid}@{snapname}"))
+
+    async def delete_snapshot(self, volid: str, snapname: str) -> None:
+        if snapname not in self.snapshots.get(volid, set()):
+            raise RucherError(ErrorCode.NOT_FOUND, f"snapshot '{snapname}' does not exist")
+        self.snapshots[volid].discard(snapname)
+        self.calls.append(("delete_snapshot", f"{volid}@{snapname}"))
+
+    async def create_base(self, volid: str) -> VolumeInfo:
+        info = self._info(volid)
+        base = volid.replace("/vm-", "/base-")
+        self.volumes[base] = self.volumes.pop(volid)
+        self.calls.append(("create_base", volid))
+        return VolumeInfo(volid=base, content=info.content, format=info.format, size=info.size)
+
+    async def clone(self, volid: str, vmid: int, options: CloneOptions) -> VolumeInfo:
+        info = self._info(volid)
+        if options.linked and "/base-" not in volid:
+            raise RucherError(ErrorCode.INVALID, "linked clones need a base volume")
+        if volid == self.refuse_clone:
+            raise RucherError(ErrorCode.INTERNAL, "copy failed")
+        storage = options.storage or volid.split(":", 1)[0]
+        fmt = options.format.value if options.format else info.format
+        allocated = await self.allocate(storage, vmid, info.size, DiskFormat(fmt))
+        if options.linked:
+            linked = f"{volid}/{allocated.volid.split(':', 1)[1]}"
+            self.volumes[linked] = self.volumes.pop(allocated.volid)
+            allocated = self._info(linked)
+        self.calls.append(("clone", f"{volid}->{allocated.volid}"))
+        return allocated
 
     async def map(self, volid: str) -> VolumeMapping:
         self.calls.append(("map", volid))
@@ -363,14 +456,14 @@ async def test_start_maps_the_volumes_again(world):
     assert world.volumes.calls == [("map", "local:100/vm-100-disk-0.raw")]
 
 
-async def test_a_new_disk_on_a_config_change_is_not_supported_yet(world):
+async def test_a_new_disk_on_a_config_change_is_allocated_and_defined(world):
     await world.service.create(create())
-    with pytest.raises(RucherError) as caught:
-        await world.service.update_config(
-            command(compute.VmConfigUpdate, config={"scsi1": "local:1"})
-        )
-    assert caught.value.code is ErrorCode.UNSUPPORTED
-    assert caught.value.details == {"field": "scsi1"}
+    await world.service.update_config(
+        command(compute.VmConfigUpdate, config={"scsi1": "local:1"})
+    )
+    assert world.tasks.ended[-1] == ("qmconfig", "OK")
+    assert world.guests.records[100].config["scsi1"] == "local:100/vm-100-disk-0.raw,size=1G"
+    assert "vm-100-disk-0.raw" in world.hypervisor.domains_by_name[domain_name(100)].xml
 
 
 async def test_a_refused_definition_undoes_the_registration_and_fails_the_task(world):

@@ -12,12 +12,14 @@ from rucher.bus import Bus, RucherError
 from rucher.bus.client import new_id
 from rucher.compute.claims import BusClaims
 from rucher.compute.config import ComputeSettings
+from rucher.compute.disks import CloneOptions
 from rucher.compute.domain_xml import HostFacts
 from rucher.compute.drivers.libvirt import LibvirtHypervisor, kvm_usable
 from rucher.compute.handlers import serve
 from rucher.compute.reconcile import reconcile
 from rucher.compute.service import ComputeService
 from rucher.guests import GuestRegistry
+from rucher.proto import storage as s
 from rucher.proto.base import Subject
 from rucher.proto.storage import (
     VOLUME_ALLOCATE,
@@ -82,6 +84,67 @@ class BusVolumes:
         return await self.bus.request(
             VOLUME_MAP.to(node=self.bus.node), command, timeout=self.timeout
         )
+
+    async def info(self, volid: str) -> VolumeInfo:
+        """A volume's attributes."""
+        query = s.VolumeInfoQuery(volid=volid)
+        reply = await self.bus.request(
+            s.VOLUME_INFO.to(node=self.bus.node), query, timeout=self.timeout
+        )
+        return reply.volume
+
+    async def resize(self, volid: str, size: int) -> VolumeInfo:
+        """Grow a volume to ``size`` bytes."""
+        command = s.VolumeResize(command_id=new_id(), volid=volid, size=size)
+        reply = await self.bus.request(
+            s.VOLUME_RESIZE.to(node=self.bus.node), command, timeout=self.timeout
+        )
+        return reply.volume
+
+    async def snapshot(self, volid: str, snapname: str) -> None:
+        """Snapshot a volume."""
+        command = s.VolumeSnapshotCreate(command_id=new_id(), volid=volid, snapname=snapname)
+        await self.bus.request(
+            s.SNAPSHOT_CREATE.to(node=self.bus.node), command, timeout=self.timeout
+        )
+
+    async def rollback(self, volid: str, snapname: str) -> None:
+        """Roll a volume back to a snapshot."""
+        command = s.VolumeSnapshotRollback(command_id=new_id(), volid=volid, snapname=snapname)
+        await self.bus.request(
+            s.SNAPSHOT_ROLLBACK.to(node=self.bus.node), command, timeout=self.timeout
+        )
+
+    async def delete_snapshot(self, volid: str, snapname: str) -> None:
+        """Delete a volume snapshot."""
+        command = s.VolumeSnapshotDelete(command_id=new_id(), volid=volid, snapname=snapname)
+        await self.bus.request(
+            s.SNAPSHOT_DELETE.to(node=self.bus.node), command, timeout=self.timeout
+        )
+
+    async def create_base(self, volid: str) -> VolumeInfo:
+        """Turn a volume into a template base."""
+        command = s.VolumeCreateBase(command_id=new_id(), volid=volid)
+        reply = await self.bus.request(
+            s.VOLUME_CREATE_BASE.to(node=self.bus.node), command, timeout=self.timeout
+        )
+        return reply.volume
+
+    async def clone(self, volid: str, vmid: int, options: CloneOptions) -> VolumeInfo:
+        """A linked or full copy of ``volid`` owned by ``vmid``."""
+        command = s.VolumeClone(
+            command_id=new_id(),
+            volid=volid,
+            vmid=vmid,
+            linked=options.linked,
+            snapname=options.snapname,
+            storage=options.storage,
+            format=options.format,
+        )
+        reply = await self.bus.request(
+            s.VOLUME_CLONE.to(node=self.bus.node), command, timeout=self.timeout
+        )
+        return reply.volume
 
 
 async def setup(context: ServiceContext) -> None:

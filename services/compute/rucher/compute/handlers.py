@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rucher.bus import Bus
+from rucher.compute import clone, pending, snapshots
 from rucher.compute.service import ComputeService
 from rucher.proto import compute
 from rucher.proto.base import RpcSubject
@@ -25,6 +27,12 @@ def routes(service: ComputeService) -> list[tuple[RpcSubject[Any, Any], Callable
         (compute.GUEST_RESUME, service.resume),
         (compute.GUEST_DESTROY, service.destroy),
         (compute.GUEST_STATUS, service.status),
+        (compute.SNAPSHOT_CREATE, functools.partial(snapshots.create, service)),
+        (compute.SNAPSHOT_ROLLBACK, functools.partial(snapshots.rollback, service)),
+        (compute.SNAPSHOT_DELETE, functools.partial(snapshots.delete, service)),
+        (compute.GUEST_TEMPLATE, functools.partial(clone.template, service)),
+        (compute.GUEST_CLONE, functools.partial(clone.clone, service)),
+        (compute.DISK_RESIZE, functools.partial(pending.resize, service)),
     ]
 
 

@@ -13,7 +13,7 @@ import structlog
 
 from rucher.bus import RucherError
 from rucher.bus.client import new_id
-from rucher.compute import admission, claims, disks
+from rucher.compute import admission, claims, disks, pending
 from rucher.compute.disks import VolumeStore
 from rucher.compute.domain_xml import HostFacts, domain_name, vmid_of
 from rucher.compute.drivers.interface import DomainInfo, Hypervisor
@@ -392,49 +392,21 @@ class ComputeService:
         return await self._submit("qmdestroy", command, body)
 
     async def update_config(self, command: compute.VmConfigUpdate) -> TaskAccepted:
-        """Check and write config changes; a stopped guest is redefined, a running one at start."""
-        record = await self._owned(command.vmid, skiplock=command.skiplock)
-        config = {**record.config, **command.config}
-        for key in command.delete:
-            config.pop(key, None)
-        admission.render(command.vmid, config, self.facts)
-        admission.check_node(config, await self.hypervisor.node(), await self.hypervisor.bridges())
-        for request in disks.requested(command.config):
-            raise RucherError(
-                ErrorCode.UNSUPPORTED,
-                f"{request.key}: allocating a new disk on a config change is not supported yet",
-                details={"field": request.key},
-            )
-        await self.map_volumes(command.config)
-        changes = admission.with_macs(
-            {key: value for key, value in config.items() if key in command.config}
-        )
-
-        async def body(task: TaskLog) -> None:
-            updated = await self.guests.update(
-                command.vmid,
-                changes=changes,
-                delete=command.delete,
-                digest=command.digest,
-                lock_held=record.lock if command.skiplock else None,
-            )
-            if await self._state(command.vmid) is PowerState.STOPPED:
-                await self.define(updated)
-            else:
-                await task.log("the guest runs: the new config applies at its next start")
-
-        return await self._submit("qmconfig", command, body)
+        """Check and write config changes (``pending`` keeps what a running guest gets later)."""
+        return await pending.update_config(self, command)
 
     # Power ------------------------------------------------------------------------------
 
     async def start(self, command: compute.VmStart) -> TaskAccepted:
         """Redefine the domain from the current config (pending changes apply) and start it."""
-        await self._owned(command.vmid, skiplock=command.skiplock)
+        owned = await self._owned(command.vmid, skiplock=command.skiplock)
+        if owned.config.get("template") == "1":
+            raise admission.invalid("vmid", "you can't start a vm if it's a template")
         if await self._state(command.vmid) is not PowerState.STOPPED:
             raise admission.invalid("vmid", f"VM {command.vmid} already running")
 
         async def body(task: TaskLog) -> None:
-            record = await self.guests.get(command.vmid)
+            record = await pending.apply_pending(self, command.vmid)
             await self.define(record)
             await self.hypervisor.start(domain_name(command.vmid))
             await task.log(f"VM {command.vmid} started")
@@ -489,7 +461,7 @@ class ComputeService:
             if not await self._wait_stopped(command.vmid, timeout):
                 raise RucherError(ErrorCode.TIMEOUT, "VM quit/powerdown failed - got timeout")
             await self.state_changed(command.vmid, PowerState.STOPPED, previous, task.upid)
-            await self.define(await self.guests.get(command.vmid))
+            await self.define(await pending.apply_pending(self, command.vmid))
             await self.hypervisor.start(name)
             await self.state_changed(
                 command.vmid, PowerState.RUNNING, PowerState.STOPPED, task.upid

@@ -155,7 +155,7 @@ async def create(service: ComputeService, command: compute.VmSnapshotCreate) -> 
         finally:
             if not done:
                 await task.log("snapshot failed: removing the disk snapshots it made")
-                await _run_undo(undo)
+                await run_undo(undo)
 
     return await _locked(service, command, GuestLock.SNAPSHOT, "qmsnapshot", body)
 
@@ -303,7 +303,8 @@ def _reparented(section: Mapping[str, str], snapname: str, parent: str | None) -
     return result
 
 
-async def _run_undo(steps: Undo) -> None:
+async def run_undo(steps: Undo) -> None:
+    """Run undo steps newest first; one failing is logged and does not stop the others."""
     for step in reversed(steps):
         try:
             await step()
