@@ -54,7 +54,11 @@ class Crm:
         env = self.env
         if not env.quorate() or not self.cluster_state_ok:
             return False
-        status = env.read_manager_status()
+        try:
+            status = env.read_manager_status()
+        except OSError as error:
+            env.log("err", f"could not read manager status: {error}")
+            return False
         me = env.nodename()
         if any(d.state == "fence" and d.node == me for d in status.service_status.values()):
             return False
@@ -97,7 +101,10 @@ class Crm:
                 env.log("notice", "temporary inconsistent cluster state (cfs restart?), skip round")
                 return True
             assert self.manager is not None
-            self.manager.manage()
+            try:
+                self.manager.manage()
+            except OSError as error:
+                env.log("err", f"got unexpected error - {error}")
             return True
         if self.state == "lost_manager_lock":
             self._close_watchdog()

@@ -222,8 +222,8 @@ class Manager:
         if disarm.is_suspended(self, modes):
             self.flush()
             return
-        self.run_state_machine(services, results, modes)
         transitions.auto_rebalance(self, services)
+        self.run_state_machine(services, results, modes)
         disarm.after_round(self, modes)
         self.flush()
 

@@ -96,6 +96,15 @@ def compile_rules(config: RulesConfig, nodes: Iterable[str]) -> CompiledRules:
     for together in _merge_positive(positive):
         for sid in together:
             compiled.positive[sid] = together - {sid}
+        inherited = {
+            compiled.node_affinity[sid].name: compiled.node_affinity[sid]
+            for sid in together
+            if sid in compiled.node_affinity
+        }
+        if len(inherited) == 1:
+            (rule,) = inherited.values()
+            for sid in together:
+                compiled.node_affinity.setdefault(sid, rule)
     for rule in config.resource_affinity:
         if rule.affinity != "negative":
             continue
@@ -166,7 +175,8 @@ def apply_positive(together: dict[str, int], nodes: set[str]) -> None:
     if not together:
         return
     majority = sorted(sorted(together), key=lambda node: -together[node])[0]
-    nodes.intersection_update({majority})
+    if majority in nodes:
+        nodes.intersection_update({majority})
 
 
 def affine_resources(rules: CompiledRules, sid: str) -> tuple[set[str], set[str]]:

@@ -16,7 +16,7 @@ from rucher.ha.model import NodeCapacity, ResourceStats
 from rucher.placement.weighers.crs import static_scores
 
 MOVING_STATES = frozenset({"migrate", "relocate", "request_start_balance"})
-IDLE_STATES = frozenset({"stopped"})
+IDLE_STATES = frozenset({"stopped", "request_start"})
 
 
 def used_nodes(
