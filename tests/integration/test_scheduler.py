@@ -30,6 +30,8 @@ from rucher.proto.gpu import (
     MigPlacement,
     MigProfile,
     PciDevice,
+    PciMapping,
+    PciMappingEntry,
 )
 from rucher.proto.guest import GuestRecord, GuestType
 from rucher.proto.ha import (
@@ -64,7 +66,7 @@ from rucher.proto.storage import (
     StorageStatusPublished,
     StorageType,
 )
-from rucher.proto.streams import ALLOCATIONS, CLAIMS, GUESTS, SERVICES
+from rucher.proto.streams import ALLOCATIONS, CLAIMS, GUESTS, MAPPINGS, SERVICES
 from rucher.scheduler.reaper import ELECTION
 
 from .buses import connected, until
@@ -561,3 +563,61 @@ async def test_a_guest_that_moved_while_no_scheduler_ran_is_reconciled_at_electi
             await until(superseded, timeout=15)
         finally:
             stop(second)
+
+
+async def test_the_view_learns_pci_mappings_from_the_mappings_bucket(stack):
+    bus, _ = stack
+    await request_until_placed(bus, place(100, memory=GIB))
+    now = time.time()
+    device = PciDevice(
+        address="0000:81:00.0", vendor_id="10de", device_id="2236", class_code="030000"
+    )
+    await bus.publish(
+        INVENTORY_PUBLISHED.to(node="n2"),
+        InventoryPublished(
+            event_id=new_id(), node="n2", time=now,
+            inventory=GpuInventory(node="n2", devices=(device,), time=now),
+        ),
+    )  # fmt: skip
+    mapped = (GpuRequest(kind=GpuKind.PASSTHROUGH, mapping="gpu-a"),)
+    command = PlaceGuest(
+        command_id=new_id(),
+        spec=PlacementSpec(
+            vmid=101,
+            guest_type=GuestType.QEMU,
+            resources=ResourceRequest(vcpus=1, memory=GIB, gpus=mapped),
+        ),
+    )
+    with pytest.raises(RucherError) as unknown:
+        await bus.request(GUEST_PLACE.address, command)
+    assert unknown.value.code is ErrorCode.INVALID
+    assert "unknown PCI mapping gpu-a" in unknown.value.message
+
+    mappings: KV[PciMapping] = KV(bus, MAPPINGS, PciMapping)
+    entry = PciMappingEntry(node="n2", path="0000:81:00.0", vendor_id="10de", device_id="2236")
+    await mappings.put(make_key("pci", "gpu-a"), PciMapping(id="gpu-a", map=(entry,)))
+
+    async def placed_on_n2() -> bool:
+        try:
+            decision = await bus.request(
+                GUEST_PLACE.address, msgspec.structs.replace(command, command_id=new_id())
+            )
+        except RucherError:
+            return False
+        assert decision.placement.node == "n2"
+        return True
+
+    await until(placed_on_n2, timeout=10)
+
+    await mappings.delete(make_key("pci", "gpu-a"))
+
+    async def forgotten() -> bool:
+        try:
+            await bus.request(
+                GUEST_PLACE.address, msgspec.structs.replace(command, command_id=new_id())
+            )
+        except RucherError as err:
+            return "unknown PCI mapping" in err.message
+        return False
+
+    await until(forgotten, timeout=10)

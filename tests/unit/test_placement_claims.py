@@ -288,6 +288,25 @@ async def test_release_gives_the_room_back_and_releasing_twice_is_harmless():
     await service.place_guest(command(102, memory=12 * GIB))
 
 
+async def test_a_release_by_guest_ends_every_claim_of_that_guest_on_the_node_only():
+    clock = Clock()
+    store = MemoryStore(clock)
+    service, events = scheduler(store, clock, "a", "b")
+    first = (await service.place_guest(command(101, memory=6 * GIB))).placement
+    other = (await service.place_guest(command(102, memory=6 * GIB))).placement
+    # A fresh instance that never saw the documents still finds the guest's claims.
+    fresh, fresh_events = scheduler(store, clock, "a", "b")
+    await fresh.release(ClaimRelease(command_id="r", claim_id="", node=first.node, vmid=101))
+    remaining = {c.vmid for doc, _ in store.documents.values() for c in doc.claims}
+    assert remaining == {102}
+    assert fresh_events.log == [("ended", 101, "released")]
+    assert first.claim_id not in store.records and other.claim_id in store.records
+    # Without a node there is nothing to look up: nothing happens.
+    await fresh.release(ClaimRelease(command_id="r2", claim_id="", vmid=102))
+    assert {c.vmid for doc, _ in store.documents.values() for c in doc.claims} == {102}
+    assert events.log.count(("ended", 101, "released")) == 0
+
+
 async def test_a_group_is_claimed_whole_or_not_at_all():
     clock = Clock()
     store = MemoryStore(clock)
