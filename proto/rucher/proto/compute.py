@@ -16,6 +16,7 @@ from typing import Annotated
 import msgspec
 
 from rucher.proto.base import Event, Kind, Reply, RpcSubject, Scope, Subject
+from rucher.proto.bus import ByteFrame
 from rucher.proto.common import (
     ByteSize,
     ConfigKey,
@@ -542,4 +543,60 @@ GUEST_DRIFT_DETECTED = Subject(
     Kind.EVENT,
     Scope.NODE,
     "Reconciliation on {node} found a difference between libvirt and the registry.",
+)
+
+
+# Serial console sessions ---------------------------------------------------------------------
+
+ConsoleSessionId = Annotated[
+    str,
+    msgspec.Meta(pattern=r"^[0-9a-f]{32}$", description="A console session's id (32 hex digits)."),
+]
+SerialKey = Annotated[
+    str, msgspec.Meta(pattern=r"^serial[0-3]$", description="The serial port, such as serial0.")
+]
+
+
+class VmConsoleOpen(Query, frozen=True, kw_only=True, tag="compute.console.open"):
+    """Open a running VM's serial console for ``user``: a ``vncproxy`` task relays it.
+
+    The caller picks ``session`` and subscribes to its ``.out`` subject before asking, so no
+    byte is lost; the agent then relays the console on ``CONSOLE_OUT``/``CONSOLE_IN``.
+    """
+
+    vmid: Vmid
+    user: str
+    session: ConsoleSessionId
+    serial: SerialKey = "serial0"
+
+
+class ConsoleOpened(Reply, frozen=True, kw_only=True, tag="compute.console.opened"):
+    """The console session is open; ``upid`` is its task, which ends when the session does."""
+
+    vmid: Vmid
+    session: ConsoleSessionId
+    upid: str
+
+
+CONSOLE_OPEN = RpcSubject(
+    "rpc.compute.console_open.{node}",
+    VmConsoleOpen,
+    Kind.RPC,
+    Scope.NODE,
+    "Open a VM's serial console on {node}; bytes then flow on console_data subjects.",
+    reply=ConsoleOpened,
+)
+CONSOLE_OUT = Subject(
+    "rpc.compute.console_data.{node}.{session}.out",
+    ByteFrame,
+    Kind.RPC,
+    Scope.NODE,
+    "Console output of a session on {node}, agent to gateway, in ByteFrames (core NATS).",
+)
+CONSOLE_IN = Subject(
+    "rpc.compute.console_data.{node}.{session}.in",
+    ByteFrame,
+    Kind.RPC,
+    Scope.NODE,
+    "Console input of a session on {node}, gateway to agent, in ByteFrames (core NATS).",
 )

@@ -1,1 +1,1 @@
-"""High availability: the Proxmox-compatible HA decision core (manager and node part) and its simulator."""
+"""High availability: the Proxmox-compatible HA decision core (CRM and LRM) and its simulator."""

@@ -69,7 +69,7 @@ class Crm:
             self.env.watchdog_close(self.watchdog)
             self.watchdog = None
 
-    def iterate(self, cluster_state_ok: bool = True) -> bool:
+    def iterate(self, cluster_state_ok: bool = True) -> bool:  # noqa: PLR0911, PLR0912
         """One round; False when the daemon exits."""
         self.cluster_state_ok = cluster_state_ok
         env = self.env

@@ -43,7 +43,7 @@ def _execute_migration(manager: Manager, command: str, task: str, sid: str, targ
     manager.ss[sid].cmd = [task, target]
     for other in sorted(together):
         data = manager.ss.get(other)
-        if data is None or data.node == target or data.target == target:
+        if data is None or target in (data.node, data.target):
             continue
         env.log(
             "info",
@@ -53,14 +53,14 @@ def _execute_migration(manager: Manager, command: str, task: str, sid: str, targ
         data.cmd = [task, target]
 
 
-def handle_commands(
+def handle_commands(  # noqa: PLR0912
     manager: Manager, commands: list[str], services: dict[str, ServiceConfig]
 ) -> None:
     """Apply the queued manager commands, in order."""
     env = manager.env
     ns = manager.ns
-    for command in commands:
-        command = command.strip()
+    for raw in commands:
+        command = raw.strip()
         if match := MOVE.match(command):
             task, sid, node = match.groups()
             data = manager.ss.get(sid)
@@ -86,7 +86,10 @@ def handle_commands(
                 if state == "online":
                     manager.ms.node_request.setdefault(node, {})["maintenance"] = True
                 elif state == "maintenance":
-                    env.log("info", f"ignoring crm command - node {node} is already in maintenance state")
+                    env.log(
+                        "info",
+                        f"ignoring crm command - node {node} is already in maintenance state",
+                    )
                 else:
                     env.log("err", f"crm command error - node not online: {command}")
             else:

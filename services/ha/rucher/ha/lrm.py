@@ -59,7 +59,7 @@ class Lrm:
 
     # --- shutdown --------------------------------------------------------------------------
 
-    def shutdown_request(self) -> None:
+    def shutdown_request(self) -> None:  # noqa: PLR0912
         """Node shutdown or LRM restart: apply the shutdown policy."""
         if self.shutdown_requested:
             return
@@ -88,7 +88,9 @@ class Lrm:
         if shutdown:
             kind = "reboot" if reboot else "shutdown"
             if maintenance:
-                env.log("info", f"{kind} LRM, doing maintenance, removing this node from active list")
+                env.log(
+                    "info", f"{kind} LRM, doing maintenance, removing this node from active list"
+                )
                 self.mode = "maintenance"
             elif freeze_all:
                 env.log("info", f"{kind} LRM, stop and freeze all services")
@@ -173,7 +175,7 @@ class Lrm:
 
     # --- the round -------------------------------------------------------------------------
 
-    def iterate(self, cluster_state_ok: bool = True) -> bool:
+    def iterate(self, cluster_state_ok: bool = True) -> bool:  # noqa: PLR0912
         """One round; False when the daemon exits."""
         self.cluster_state_ok = cluster_state_ok
         env = self.env
@@ -219,17 +221,21 @@ class Lrm:
                 self.active_idle_rounds = 0
         elif self.state == "maintenance":
             if fence:
-                env.log("err", "node need to be fenced during maintenance mode - releasing agent_lock")
+                env.log(
+                    "err", "node need to be fenced during maintenance mode - releasing agent_lock"
+                )
                 self._set_state("lost_agent_lock")
             elif not self._protected_lock():
                 self._set_state("lost_agent_lock")
             elif self.disarm_requested and self.mode != "maintenance":
-                self._release("HA disarm requested during maintenance, releasing agent lock and watchdog")
+                self._release(
+                    "HA disarm requested during maintenance, releasing agent lock and watchdog"
+                )
             elif self.mode == "active":
                 self._set_state("active")
         return self._work()
 
-    def _work(self) -> bool:
+    def _work(self) -> bool:  # noqa: PLR0912
         env = self.env
         if self.state == "wait_for_agent_lock":
             if self.shutdown_requested:
@@ -271,11 +277,14 @@ class Lrm:
             return True
         if self.state == "maintenance":
             exit_lrm = False
-            if self.shutdown_requested and self.active_service_count() == 0:
-                if self.run_workers() == 0:
-                    self._give_up_watchdog()
-                    exit_lrm = True
-                    env.release_agent_lock()
+            if (
+                self.shutdown_requested
+                and self.active_service_count() == 0
+                and self.run_workers() == 0
+            ):
+                self._give_up_watchdog()
+                exit_lrm = True
+                env.release_agent_lock()
             if not exit_lrm:
                 self.manage_resources()
             self.publish()
@@ -298,7 +307,13 @@ class Lrm:
             if not data.uid or data.state in ("recovery", "freeze"):
                 continue
             self._queue(
-                Worker(sid=sid, uid=data.uid, state=data.state, target=data.target, timeout=data.timeout)
+                Worker(
+                    sid=sid,
+                    uid=data.uid,
+                    state=data.state,
+                    target=data.target,
+                    timeout=data.timeout,
+                )
             )
         return self.run_workers()
 
@@ -331,14 +346,16 @@ class Lrm:
         max_restart = config.max_restart if config else 0
         tries = self.restart_tries.setdefault(sid, 0)
         if tries >= max_restart:
-            self.env.log("err", f"unable to start service {sid} on local node after {tries} retries")
+            self.env.log(
+                "err", f"unable to start service {sid} on local node after {tries} retries"
+            )
             self.restart_tries[sid] = 0
             return ExitCode.ERROR
         self.restart_tries[sid] = tries + 1
         self.env.log("warning", f"restart policy: retry number {tries + 1} for service '{sid}'")
         return ExitCode.ETRY_AGAIN
 
-    def execute(self, worker: Worker) -> int:
+    def execute(self, worker: Worker) -> int:  # noqa: PLR0911, PLR0912
         """Carry out one resource command on this node."""
         env = self.env
         sid, command = worker.sid, worker.state

@@ -110,8 +110,8 @@ class Manager:
             data = self.ss[sid]
             self.usage.add_service(sid, data.state, data.node, data.target)
 
-    def select_service_node(self, sid: str, config: ServiceConfig, preference: str) -> str | None:
-        """The node ``sid`` should run on: ``none`` stays if allowed, ``best-score``, ``try-next``."""
+    def select_service_node(self, sid: str, config: ServiceConfig, preference: str) -> str | None:  # noqa: PLR0911
+        """Where ``sid`` should run; preference ``none`` (stay), ``best-score`` or ``try-next``."""
         data = self.ss[sid]
         current = data.node
         online = set(self.usage.nodes)
@@ -227,7 +227,7 @@ class Manager:
         disarm.after_round(self, modes)
         self.flush()
 
-    def run_state_machine(
+    def run_state_machine(  # noqa: PLR0912
         self,
         services: dict[str, ServiceConfig],
         results: dict[str, LrmResult],
@@ -240,7 +240,9 @@ class Manager:
                 if sid not in self.ss:
                     continue
                 data = self.ss[sid]
-                config = services.get(sid) or ServiceConfig(sid=sid, node=data.node, state="disabled")
+                config = services.get(sid) or ServiceConfig(
+                    sid=sid, node=data.node, state="disabled"
+                )
                 result = results.get(data.uid) if data.uid else None
                 last = data.state
                 transitions.step(self, sid, config, result, modes)

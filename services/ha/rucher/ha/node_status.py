@@ -64,7 +64,7 @@ class NodeStatus:
         """Whether the cluster's member list differs from the nodes the manager knows."""
         return sorted(node_info) != self.list_nodes()
 
-    def update(self, node_info: dict[str, bool], lrm_modes: dict[str, str]) -> None:
+    def update(self, node_info: dict[str, bool], lrm_modes: dict[str, str]) -> None:  # noqa: PLR0912
         """Apply the current membership and the nodes' LRM modes to the node states."""
         now = self.env.now()
         for node in sorted(node_info):
@@ -96,7 +96,9 @@ class NodeStatus:
             elif state == "gone" and self.node_is_offline_delayed(node, GONE_DELETE_DELAY):
                 self.last_online.pop(node, None)
                 del self.status[node]
-                self.env.log("notice", f"deleting gone node '{node}', not a cluster member anymore.")
+                self.env.log(
+                    "notice", f"deleting gone node '{node}', not a cluster member anymore."
+                )
 
     def fence_node(self, node: str) -> bool:
         """Start (or continue) fencing ``node``; True once its agent lock is ours."""

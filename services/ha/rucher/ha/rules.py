@@ -39,13 +39,13 @@ def groups_to_rules(config: RulesConfig, services: Mapping[str, ServiceConfig]) 
             members.setdefault(group, []).append(sid)
     rules = list(config.node_affinity)
     for name in sorted(members):
-        group = config.groups[name]
+        definition = config.groups[name]
         rules.append(
             NodeAffinityRule(
                 name=f"ha-group-{name}",
                 resources=tuple(members[name]),
-                nodes=dict(group.nodes),
-                strict=group.restricted,
+                nodes=dict(definition.nodes),
+                strict=definition.restricted,
             )
         )
     return RulesConfig(
@@ -105,11 +105,11 @@ def compile_rules(config: RulesConfig, nodes: Iterable[str]) -> CompiledRules:
             (rule,) = inherited.values()
             for sid in together:
                 compiled.node_affinity.setdefault(sid, rule)
-    for rule in config.resource_affinity:
-        if rule.affinity != "negative":
+    for affinity in config.resource_affinity:
+        if affinity.affinity != "negative":
             continue
-        for sid in rule.resources:
-            compiled.negative.setdefault(sid, set()).update(set(rule.resources) - {sid})
+        for sid in affinity.resources:
+            compiled.negative.setdefault(sid, set()).update(set(affinity.resources) - {sid})
     return compiled
 
 

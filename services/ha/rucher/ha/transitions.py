@@ -39,10 +39,9 @@ def step(
         data = manager.ss[sid]
         if modes.get(data.node) == "active":
             manager.change_state(sid, "started" if config.state == "started" else "request_stop")
-    elif state == "error":
-        if config.state == "disabled":
-            manager.ss[sid].failed_nodes = None
-            manager.change_state(sid, "stopped")
+    elif state == "error" and config.state == "disabled":
+        manager.ss[sid].failed_nodes = None
+        manager.change_state(sid, "stopped")
 
 
 def next_request_stop(manager: Manager, sid: str, result: LrmResult | None) -> None:
@@ -102,11 +101,14 @@ def next_stopped(manager: Manager, sid: str, config: ServiceConfig) -> None:
         if command in ("migrate", "relocate"):
             target = data.cmd[1]
             if not ns.node_is_online(target):
-                env.log("err", f"ignore service '{sid}' {command} request - node '{target}' not online")
+                env.log(
+                    "err", f"ignore service '{sid}' {command} request - node '{target}' not online"
+                )
             elif data.node == target:
                 env.log(
                     "info",
-                    f"ignore service '{sid}' {command} request - service already on node '{target}'",
+                    f"ignore service '{sid}' {command} request - "
+                    f"service already on node '{target}'",
                 )
             else:
                 data.cmd = None
@@ -142,9 +144,7 @@ def next_request_start(manager: Manager, sid: str, config: ServiceConfig) -> Non
                 "info", f"service {sid}: re-balance selected {which} node {selected} for startup"
             )
             if selected != current:
-                manager.change_state(
-                    sid, "request_start_balance", node=current, target=selected
-                )
+                manager.change_state(sid, "request_start_balance", node=current, target=selected)
                 return
     manager.change_state(sid, "started", node=current)
 
@@ -165,7 +165,9 @@ def _run_command(manager: Manager, sid: str) -> None:
     data.cmd = None
     if command in ("migrate", "relocate"):
         if not manager.ns.node_is_online(argument):
-            env.log("err", f"ignore service '{sid}' {command} request - node '{argument}' not online")
+            env.log(
+                "err", f"ignore service '{sid}' {command} request - node '{argument}' not online"
+            )
         elif data.node == argument:
             env.log(
                 "info",
@@ -186,7 +188,7 @@ def _run_command(manager: Manager, sid: str) -> None:
         env.log("err", f"unknown command '{command}' for service '{sid}'")
 
 
-def next_started(
+def next_started(  # noqa: PLR0911, PLR0912, PLR0915
     manager: Manager, sid: str, config: ServiceConfig, result: LrmResult | None
 ) -> None:
     """Keep it running: stop on request, move on command, relocate after failed starts."""
@@ -250,7 +252,8 @@ def next_started(
             if node == fallback:
                 env.log(
                     "info",
-                    f"moving service '{sid}' back to '{fallback}', node came back from maintenance.",
+                    f"moving service '{sid}' back to '{fallback}', "
+                    "node came back from maintenance.",
                 )
                 data.maintenance_node = None
             elif data.node != fallback:
@@ -269,14 +272,17 @@ def next_started(
             f"Start Error Recovery: Tried all available nodes for service '{sid}', retry start on "
             f"current node. Tried nodes: {', '.join(data.failed_nodes or [])}",
         )
-    if data.maintenance_node and data.node == data.maintenance_node:
-        if ns.get_node_state(data.node) == "online":
-            env.log(
-                "info",
-                f"service '{sid}': clearing stale maintenance node '{data.maintenance_node}' "
-                "setting (is current node)",
-            )
-            data.maintenance_node = None
+    if (
+        data.maintenance_node
+        and data.node == data.maintenance_node
+        and ns.get_node_state(data.node) == "online"
+    ):
+        env.log(
+            "info",
+            f"service '{sid}': clearing stale maintenance node '{data.maintenance_node}' "
+            "setting (is current node)",
+        )
+        data.maintenance_node = None
     if result is not None:
         from rucher.ha.manager import new_uid
 
@@ -291,16 +297,22 @@ def next_recovery(manager: Manager, sid: str, config: ServiceConfig) -> None:
     node = manager.select_service_node(sid, config, "best-score")
     if node is not None:
         if node == fenced:
-            env.log("info", f"recover service '{sid}' to previous failed and fenced node '{fenced}' again")
+            env.log(
+                "info",
+                f"recover service '{sid}' to previous failed and fenced node '{fenced}' again",
+            )
         else:
             env.log("info", f"recover service '{sid}' from fenced node '{fenced}' to node '{node}'")
         env.steal_service(sid, fenced, node)
         config.node = node
         data.node = node
-        manager.change_state(sid, "started" if config.state == "started" else "request_stop", node=node)
+        manager.change_state(
+            sid, "started" if config.state == "started" else "request_stop", node=node
+        )
         return
     env.log(
-        "err", f"recovering service '{sid}' from fenced node '{fenced}' failed, no recovery node found"
+        "err",
+        f"recovering service '{sid}' from fenced node '{fenced}' failed, no recovery node found",
     )
     if config.state == "disabled":
         data.failed_nodes = None

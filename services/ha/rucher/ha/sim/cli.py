@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         simulate(args.folder)
     except ScenarioError as error:
-        print(f"rucher-ha-sim: {error}", file=sys.stderr)
+        print(f"rucher-ha-sim: {error}", file=sys.stderr)  # noqa: T201
         return 2
     return 0
 

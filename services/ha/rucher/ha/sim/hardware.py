@@ -17,7 +17,7 @@ from rucher.ha.crm import Crm
 from rucher.ha.lrm import Lrm
 from rucher.ha.model import LrmStatus, ResourceStats, ServiceConfig, parse_sid
 from rucher.ha.sim.env import SimEnv
-from rucher.ha.sim.scenario import Scenario, ScenarioError, service_config
+from rucher.ha.sim.scenario import Scenario
 
 WATCHDOG_TIMEOUT = 60
 LOCK_TIMEOUT = 120
@@ -99,7 +99,7 @@ class Hardware:
         if not self.nodes[node].cfs.get(kind, True):
             raise OSError(CFS_ERROR)
 
-    def get_lock(self, env: SimEnv, name: str, release: bool = False) -> bool:
+    def get_lock(self, env: SimEnv, name: str, release: bool = False) -> bool:  # noqa: PLR0911
         """Take, renew or release a cluster lock that expires 120 s after its last renewal."""
         if not env.quorate():
             return False
@@ -163,7 +163,9 @@ class Hardware:
         if config is None:
             raise KeyError(f"no such service '{sid}'")
         if config.node != current:
-            raise ValueError(f"current_node for '{sid}' does not match ({current} != {config.node})")
+            raise ValueError(
+                f"current_node for '{sid}' does not match ({current} != {config.node})"
+            )
         config.node = new
 
     def resource_stats(self, sid: str) -> ResourceStats:

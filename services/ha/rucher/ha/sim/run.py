@@ -10,7 +10,7 @@ from rucher.ha.sim.hardware import MAX_SIM_TIME, Hardware
 from rucher.ha.sim.scenario import ScenarioError, service_config
 
 
-def _node_command(hw: Hardware, verb: str, node_name: str, args: list[str], source: str) -> None:
+def _node_command(hw: Hardware, verb: str, node_name: str, args: list[str], source: str) -> None:  # noqa: PLR0912, PLR0915
     node = hw.nodes.get(node_name)
     if node is None:
         raise ScenarioError(f"cmdlist: no such node '{node_name}'")
@@ -66,7 +66,7 @@ def _node_command(hw: Hardware, verb: str, node_name: str, args: list[str], sour
         raise ScenarioError(f"cmdlist: unknown command '{verb}'")
 
 
-def _service_command(hw: Hardware, sid: str, args: list[str]) -> None:
+def _service_command(hw: Hardware, sid: str, args: list[str]) -> None:  # noqa: PLR0912
     parse_sid(sid)
     action = args[0] if args else ""
     config = hw.services.get(sid)
@@ -154,7 +154,7 @@ def _step_node(hw: Hardware, name: str, skip_crm: bool, skip_lrm: bool) -> None:
             hw.log("info", f"server '{other}' stopped by poweroff (watchdog)")
 
 
-def run(hw: Hardware) -> list[str]:
+def run(hw: Hardware) -> list[str]:  # noqa: PLR0912
     """Run the scenario to its end; the log lines."""
     hw.log("info", "starting simulation")
     for node in hw.nodes.values():
