@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rucher.bus import RucherError
-from rucher.compute.disks import VOLUME_ID
+from rucher.compute.disks import UNUSED_KEY, VOLUME_ID
 from rucher.compute.domain_xml import (
     DISK_KEY,
     NET_KEY,
@@ -79,11 +79,17 @@ def render(
 
     ``volumes`` are the mapped storage disks by key; without them the config is only checked.
     """
-    disks = disk_elements(config, volumes)
+    domain_config = {key: value for key, value in config.items() if not _bookkeeping(key)}
+    disks = disk_elements(domain_config, volumes)
     try:
-        return domain_xml(DomainSpec(vmid=vmid, config=config, disks=disks), facts)
+        return domain_xml(DomainSpec(vmid=vmid, config=domain_config, disks=disks), facts)
     except DomainConfigError as err:
         raise invalid(err.field, f"{err.field}: {err.message}") from err
+
+
+def _bookkeeping(key: str) -> bool:
+    """Keys about snapshots and detached volumes (``parent``, ``unusedN``), not the domain."""
+    return key == "parent" or UNUSED_KEY.match(key) is not None
 
 
 def check_node(config: Mapping[str, str], node: NodeFacts, bridges: frozenset[str]) -> None:
