@@ -18,7 +18,7 @@ from rucher.ha.model import (
     ServiceData,
 )
 
-INACTIVE_STATES = frozenset({"stopped", "request_stop"})
+INACTIVE_STATES = frozenset({"stopped", "request_stop", "request_start"})
 
 
 @dataclass

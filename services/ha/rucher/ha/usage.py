@@ -22,12 +22,16 @@ IDLE_STATES = frozenset({"stopped", "request_start"})
 def used_nodes(
     online: set[str], state: str, node: str, target: str | None
 ) -> tuple[str | None, str | None]:
-    """The nodes a service in ``state`` occupies: its node and, while moving, its target."""
+    """The nodes a service in ``state`` counts on: its node, or its target while it moves.
+
+    As in Proxmox's scenarios, a moving service counts on its target only, and one that is only
+    requested to start counts nowhere yet.
+    """
     if state in IDLE_STATES:
         return None, None
-    current = node if node in online else None
-    moving_to = target if state in MOVING_STATES and target in online else None
-    return current, moving_to
+    if state in MOVING_STATES:
+        return None, target if target in online else None
+    return (node if node in online else None), None
 
 
 class Usage:

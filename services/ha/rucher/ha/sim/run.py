@@ -83,8 +83,12 @@ def _service_command(hw: Hardware, sid: str, args: list[str]) -> None:  # noqa: 
     elif action == "add":
         if sid in hw.services:
             raise ScenarioError(f"cmdlist: resource ID '{sid}' already defined")
+        if len(args) < 2 or args[1] not in hw.nodes:
+            raise ScenarioError(f"cmdlist: 'service {sid} add' needs an existing node")
         state = args[2] if len(args) > 2 else "started"
         hw.services[sid] = service_config(sid, {"node": args[1], "state": state})
+        if len(args) > 3 and args[3] == "1":
+            hw.nodes[args[1]].running.add(sid)
     elif action == "delete":
         hw.services.pop(sid, None)
     elif action in ("lock", "unlock"):
