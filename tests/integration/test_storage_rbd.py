@@ -169,6 +169,31 @@ async def test_an_rbd_disk_is_a_layered_image_and_bad_requests_create_nothing(bu
     assert [v.volid for v in listing.volumes] == ["ceph:vm-300-disk-0"]
 
 
+async def test_a_volume_read_has_its_usage_from_the_cluster_and_its_path(bus, ioctx, ceph_cluster):
+    volume = await allocate(bus, 305)
+    info = (await call(bus, s.VOLUME_INFO, volid=volume.volid)).volume
+    assert info.used == 0 and info.size == 64 * MIB
+    with image(ioctx, "vm-305-disk-0") as disk:
+        disk.write(b"\x11" * 4096, 0)  # one 4 MiB object
+        disk.write(b"\x22" * 4096, 40 * MIB)  # and another
+    info = (await call(bus, s.VOLUME_INFO, volid=volume.volid)).volume
+    assert info.used == 8 * MIB, info
+    assert info.path == (f"rbd:{ceph_cluster.pool}/vm-305-disk-0:mon_host={ceph_cluster.host}:{ceph_cluster.mon_port}"
+                         ":auth_supported=cephx:id=admin")  # fmt: skip
+
+    # A linked clone counts only what it wrote itself, not what it shares with its base.
+    base = (await call(bus, s.VOLUME_CREATE_BASE, volid=volume.volid)).volume
+    clone = (await call(bus, s.VOLUME_CLONE, volid=base.volid, vmid=306, linked=True)).volume
+    assert (await call(bus, s.VOLUME_INFO, volid=clone.volid)).volume.used == 0
+    with image(ioctx, "vm-306-disk-0") as disk:
+        disk.write(b"\x33" * 4096, 20 * MIB)
+    assert (await call(bus, s.VOLUME_INFO, volid=clone.volid)).volume.used == 4 * MIB
+    listed = (await call(bus, s.CONTENT_LIST, storage="ceph", vmid=306)).volumes
+    assert [v.path for v in listed] == [None]  # listings stay cheap: no per-image scan
+    await call(bus, s.VOLUME_FREE, volid=clone.volid)
+    await call(bus, s.VOLUME_FREE, volid=base.volid)
+
+
 async def test_rbd_snapshots_roll_back_the_data(bus, ioctx):
     volume = await allocate(bus, 310)
     with image(ioctx, "vm-310-disk-0") as disk:

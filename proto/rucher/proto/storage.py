@@ -118,7 +118,11 @@ class StorageStatus(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class VolumeInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """One volume of a storage's content; ``vmid`` is its owner, ``parent`` its linked base."""
+    """One volume of a storage's content; ``vmid`` is its owner, ``parent`` its linked base.
+
+    ``path`` is where the node finds it, as ``pvesm path`` prints it (a file, or an RBD spec
+    ``rbd:pool/image:mon_host=...`` without the secret); only a single volume's read has it.
+    """
 
     volid: VolumeId
     content: ContentType
@@ -130,6 +134,7 @@ class VolumeInfo(msgspec.Struct, frozen=True, kw_only=True):
     protected: bool = False
     notes: str = ""
     ctime: int | None = None
+    path: str | None = None
 
 
 class StorageRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -92,6 +92,7 @@ async def test_a_dir_storage_is_defined_filled_read_and_emptied(storage_stack, a
     info = await admin.get(f"{node}/{sid}/content/{volid}")
     assert info.status == 200, info
     assert info.data["size"] == 4 << 20 and info.data["protected"] == 0
+    assert info.data["path"] == str(folder / "images" / str(vmid) / f"vm-{vmid}-disk-0.qcow2")
     bare = await admin.get(f"{node}/{sid}/content/{volid.partition(':')[2]}")
     assert bare.data == info.data
     reply = await admin.put(f"{node}/{sid}/content/{volid}", notes="boot disk", protected=1)

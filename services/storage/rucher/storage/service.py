@@ -125,6 +125,7 @@ class StorageService:
             protected=volume.protected,
             notes=volume.notes,
             ctime=volume.ctime,
+            path=volume.path,
         )
 
     async def _refuse_running(self, volid: str) -> None:
@@ -186,7 +187,7 @@ class StorageService:
     async def volume_info(self, query: VolumeInfoQuery) -> VolumeDetails:
         """One volume (``GET .../content/{volume}``)."""
         driver, definition, _, volname = await self.pool.volume(query.volid)
-        volume = await driver.volume(volname)
+        volume = await driver.volume(volname, detail=True)
         guests = await self.guests.guests() if volume.vmid else {}
         return VolumeDetails(volume=self._info(definition.storage, volume, guests))
 

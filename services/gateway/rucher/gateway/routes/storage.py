@@ -292,6 +292,8 @@ def _volume(info: VolumeInfo) -> dict[str, Any]:
         entry["ctime"] = info.ctime
     if info.notes:
         entry["notes"] = info.notes
+    if info.path is not None:
+        entry["path"] = info.path
     entry["protected"] = _flag(info.protected)
     return entry
 
@@ -381,7 +383,7 @@ async def allocate_volume(call: Call) -> str:
 
 @ROUTES("GET", "/nodes/{node}/storage/{storage}/content/{volume}")
 async def read_volume(call: Call) -> dict[str, Any]:
-    """One volume's attributes (its path stays inside the storage service)."""
+    """One volume's attributes and its path on the node, as ``pvesm path`` prints it."""
     info = await _info(call)
     if not may_read_volume(call, info):
         raise forbidden(f"Permission check failed (volume {info.volid})")

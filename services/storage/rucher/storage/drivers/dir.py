@@ -173,12 +173,12 @@ class DirDriver:
         """Every volume under the folder, optionally of one content type or owner."""
         return await asyncio.to_thread(self._scan, content, vmid)
 
-    async def volume(self, name: str) -> Volume:
-        """One volume."""
+    async def volume(self, name: str, *, detail: bool = False) -> Volume:
+        """One volume with its path (a file's usage is always at hand: ``detail`` adds nothing)."""
 
         def read() -> Volume:
             vol, path = self._existing(name)
-            return self._describe(vol, path)
+            return replace(self._describe(vol, path), path=str(path))
 
         return await asyncio.to_thread(read)
 

@@ -111,9 +111,10 @@ class FakeDriver:
             key=lambda volume: volume.name,
         )
 
-    async def volume(self, name: str) -> Volume:
-        """One volume."""
-        return self._get(name)
+    async def volume(self, name: str, *, detail: bool = False) -> Volume:
+        """One volume, with the made-up path :meth:`map` gives."""
+        volume = self._get(name)
+        return replace(volume, path=f"/fake/{self.definition.storage}/{volume.name}")
 
     async def allocate(self, disk: NewDisk) -> Volume:
         """Claim the name, then 'write' the disk (the step ``fail_on`` can break)."""

@@ -17,7 +17,11 @@ from rucher.proto.storage import ContentType, StorageDefinition, VolumeMapping
 
 @dataclass(frozen=True)
 class Volume:
-    """One volume as its driver sees it: ``name`` is the volume name, ``parent`` its base's."""
+    """One volume as its driver sees it: ``name`` is the volume name, ``parent`` its base's.
+
+    ``path`` (what ``pvesm path`` prints) and, for RBD, ``used`` are filled for one volume read
+    alone (:meth:`StorageDriver.volume`), not in listings.
+    """
 
     name: str
     content: ContentType
@@ -29,6 +33,7 @@ class Volume:
     protected: bool = False
     notes: str = ""
     ctime: int | None = None
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,12 @@ class StorageDriver(Protocol):
         """
         ...
 
-    async def volume(self, name: str) -> Volume:
-        """One volume; ``not_found`` when it does not exist."""
+    async def volume(self, name: str, *, detail: bool = False) -> Volume:
+        """One volume; ``not_found`` when it does not exist.
+
+        ``detail`` also asks for what costs more to learn: its path, and its usage where the
+        backend must ask a cluster for it (RBD).
+        """
         ...
 
     async def allocate(self, disk: NewDisk) -> Volume:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from rucher.proto.storage import (
     VolumeMapping,
 )
 from rucher.storage import volnames
-from rucher.storage.disks import rbd_mapping
+from rucher.storage.disks import monitor_hosts, rbd_mapping
 from rucher.storage.drivers.ceph import CephPool
 from rucher.storage.drivers.interface import Capacity, NewDisk, Volume
 from rucher.storage.revert import Revert
@@ -152,15 +153,48 @@ class RbdDriver:
 
         return await self._run("list images", scan)
 
-    async def volume(self, name: str) -> Volume:
-        """One image."""
+    def _used(self, ioctx: Any, image_name: str) -> int:
+        """Bytes the image itself holds, as ``rbd du`` counts them.
+
+        One ``diff_iterate`` over whole objects from the image's creation: librbd lists the
+        image's data objects (or reads the object map where there is one) instead of reading
+        data, and leaves out what a linked clone still shares with its base.
+        """
+        used = 0
+
+        def count(_offset: int, length: int, exists: bool) -> None:
+            nonlocal used
+            if exists:
+                used += length
+
+        with self._image(ioctx, image_name, read_only=True) as image:
+            image.diff_iterate(
+                0, image.size(), None, count, include_parent=False, whole_object=True
+            )
+        return used
+
+    def _path(self, image_name: str) -> str:
+        """``pvesm path`` of an image: QEMU's ``rbd:`` spec, without the cephx secret."""
+        monitors = ";".join(
+            f"{host}:{port}" if port else host
+            for host, port in monitor_hosts(self.definition.monhost)
+        )
+        spec = f"{self.pool}/{image_name}"
+        return f"rbd:{spec}:mon_host={monitors}:auth_supported=cephx:id={self.username}"
+
+    async def volume(self, name: str, *, detail: bool = False) -> Volume:
+        """One image; with ``detail`` also its usage from the cluster and its path."""
         image_name = self._image_name(name)
 
         def read(ioctx: Any) -> Volume:
             try:
-                return self._describe(ioctx, image_name)
+                volume = self._describe(ioctx, image_name)
+                if detail:
+                    used = self._used(ioctx, image_name)
+                    volume = replace(volume, used=used, path=self._path(image_name))
             except self._rbd.ImageNotFound as err:
                 raise self._not_found(name) from err
+            return volume
 
         return await self._run(f"open {name}", read)
 
