@@ -109,7 +109,13 @@ def compile_rules(config: RulesConfig, nodes: Iterable[str]) -> CompiledRules:
         if affinity.affinity != "negative":
             continue
         for sid in affinity.resources:
-            compiled.negative.setdefault(sid, set()).update(set(affinity.resources) - {sid})
+            group = {sid} | compiled.positive.get(sid, set())
+            for other in affinity.resources:
+                if other == sid:
+                    continue
+                apart = {other} | compiled.positive.get(other, set())
+                for member in group:
+                    compiled.negative.setdefault(member, set()).update(apart)
     return compiled
 
 
