@@ -94,6 +94,101 @@ class HaResource(msgspec.Struct, frozen=True, kw_only=True):
     max_relocate: Annotated[int, msgspec.Meta(ge=0)] = 1
     failback: bool = True
     comment: str = ""
+    group: str | None = None
+
+
+class RuleType(StrEnum):
+    """The kinds of HA rule (Proxmox 9 ``rules.cfg``)."""
+
+    NODE_AFFINITY = "node-affinity"
+    RESOURCE_AFFINITY = "resource-affinity"
+
+
+class Affinity(StrEnum):
+    """A resource-affinity rule keeps its resources together or apart."""
+
+    POSITIVE = "positive"
+    NEGATIVE = "negative"
+
+
+HaName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[A-Za-z][A-Za-z0-9_\-]{1,127}$",
+        description="An HA rule or group id (pve-configid).",
+    ),
+]
+
+
+class HaRule(msgspec.Struct, frozen=True, kw_only=True):
+    """A node-affinity rule (``nodes`` with priorities, ``strict``) or a resource-affinity one."""
+
+    rule: HaName
+    type: RuleType
+    resources: tuple[Sid, ...]
+    nodes: dict[NodeName, Annotated[int, msgspec.Meta(ge=0, le=1000)]] = {}
+    strict: bool = False
+    affinity: Affinity | None = None
+    disable: bool = False
+    comment: str = ""
+
+
+class HaGroup(msgspec.Struct, frozen=True, kw_only=True):
+    """An HA group (Proxmox before 9): preferred nodes, mapped onto a node-affinity rule."""
+
+    group: HaName
+    nodes: dict[NodeName, Annotated[int, msgspec.Meta(ge=0, le=1000)]]
+    restricted: bool = False
+    nofailback: bool = False
+    comment: str = ""
+
+
+class HaResources(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``resources`` document of the ``ha`` bucket: every HA resource by sid."""
+
+    resources: dict[Sid, HaResource] = {}
+
+
+class HaRules(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``rules`` document of the ``ha`` bucket: every rule by id."""
+
+    rules: dict[HaName, HaRule] = {}
+
+
+class HaGroups(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``groups`` document of the ``ha`` bucket: every group by id."""
+
+    groups: dict[HaName, HaGroup] = {}
+
+
+class HaControl(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``control`` document of the ``ha`` bucket: what the administrator wants of HA.
+
+    ``armed`` false is ``disarm-ha`` (with ``disarm_mode``); ``maintenance`` lists the nodes
+    put in maintenance. The manager reads it every round and acts on the difference.
+    """
+
+    armed: bool = True
+    disarm_mode: DisarmMode | None = None
+    maintenance: tuple[NodeName, ...] = ()
+
+
+class CrmAction(StrEnum):
+    """A one-off request to the manager (Proxmox's ``crm_commands``)."""
+
+    MIGRATE = "migrate"
+    RELOCATE = "relocate"
+
+
+class CrmRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One request under ``command.{id}`` in the ``ha`` bucket; the manager deletes it once read."""
+
+    id: str
+    action: CrmAction
+    sid: Sid
+    target: NodeName
+    user: str
+    time: float
 
 
 class ServiceStatus(msgspec.Struct, frozen=True, kw_only=True):

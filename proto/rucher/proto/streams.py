@@ -222,6 +222,19 @@ GPU_LEASES = BucketDef(
     description="Device, mdev, MIG and VF leases held by guests, key = {node}.{lease id}.",
 )
 
+HA = BucketDef(
+    name="ha",
+    history=8,
+    max_age=0.0,
+    replicas=3,
+    per_key_ttl=False,
+    writers="the gateway (resources, rules, groups, control, command.*), by compare-and-set; "
+    "the elected HA manager (manager_status, and deletes the command.* it has read)",
+    description="HA configuration (Proxmox resources.cfg, rules.cfg, groups.cfg), the "
+    "administrator's arm/disarm and maintenance wishes, queued migrate/relocate requests, and "
+    "the manager's status.",
+)
+
 BUCKETS: tuple[BucketDef, ...] = (
     TASKS,
     GUESTS,
@@ -234,6 +247,7 @@ BUCKETS: tuple[BucketDef, ...] = (
     STORAGE,
     MAPPINGS,
     GPU_LEASES,
+    HA,
 )
 
 

@@ -15,6 +15,7 @@ from rucher.compute.config import ComputeSettings
 from rucher.compute.disks import CloneOptions
 from rucher.compute.domain_xml import HostFacts
 from rucher.compute.drivers.libvirt import LibvirtHypervisor, kvm_usable
+from rucher.compute.fencing import LeaseFence
 from rucher.compute.handlers import serve
 from rucher.compute.reconcile import reconcile
 from rucher.compute.service import ComputeService
@@ -165,6 +166,7 @@ async def setup(context: ServiceContext) -> None:
         claim_client=BusClaims(context.bus),
     )
     drift = await reconcile(service)
+        fence=LeaseFence(context.bus),
     log.info("reconciled", uri=settings.libvirt_uri, kvm=kvm, drift=len(drift))
     await service.publish_capacity()
 

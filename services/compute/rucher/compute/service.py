@@ -16,6 +16,7 @@ from rucher.bus.client import new_id
 from rucher.compute import admission, claims, disks, pending
 from rucher.compute.disks import VolumeStore
 from rucher.compute.domain_xml import HostFacts, domain_name, vmid_of
+from rucher.compute.fencing import FenceGuard, require_current_epoch
 from rucher.compute.drivers.interface import DomainInfo, Hypervisor
 from rucher.proto import compute
 from rucher.proto.base import Subject
@@ -151,6 +152,7 @@ class ComputeService:
         clock: Callable[[], float] = time.time,
         claim_client: claims.ClaimClient | None = None,
     ) -> None:
+        fence: FenceGuard | None = None,
         self.hypervisor = hypervisor
         self.guests = guests
         self.tasks = tasks
@@ -162,6 +164,7 @@ class ComputeService:
         self.clock = clock
         self.claim_client = claim_client
         self._samples: dict[int, Sample] = {}
+        self.fence = fence
 
     # Helpers ----------------------------------------------------------------------------
 
@@ -413,6 +416,8 @@ class ComputeService:
             await self.state_changed(
                 command.vmid, PowerState.RUNNING, PowerState.STOPPED, task.upid
             )
+            # As late as possible: a start issued before a fence must not run after it.
+            await require_current_epoch(self.fence, command)
 
         return await self._submit("qmstart", command, body)
 

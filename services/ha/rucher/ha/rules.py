@@ -177,12 +177,12 @@ def apply_negative(separate: set[str], nodes: set[str]) -> None:
 
 
 def apply_positive(together: dict[str, int], nodes: set[str]) -> None:
-    """Keep only the node most positive partners use."""
-    if not together:
+    """Keep only the usable nodes most positive partners use (if any partner uses one)."""
+    counts = {node: together[node] for node in nodes if together.get(node, 0) > 0}
+    if not counts:
         return
-    majority = sorted(sorted(together), key=lambda node: -together[node])[0]
-    if majority in nodes:
-        nodes.intersection_update({majority})
+    most = max(counts.values())
+    nodes.intersection_update({node for node, count in counts.items() if count == most})
 
 
 def affine_resources(rules: CompiledRules, sid: str) -> tuple[set[str], set[str]]:
