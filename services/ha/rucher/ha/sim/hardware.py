@@ -192,7 +192,15 @@ class Hardware:
         return tries < needed
 
     def start_guest(self, node: str, sid: str) -> None:
-        """Start a guest (the ``fa:`` test resources fail as their id says)."""
+        """Start a guest (the ``fa:`` test resources fail as their id says).
+
+        In ``fa:abcdef`` b is how many starts fail, c how many migrations, d non-zero makes
+        stops fail, and f, when non-zero, limits the start failures to node f.
+        """
+        only_on = self._fail_digit(sid, 5)
+        if only_on and node != f"node{only_on}":
+            self.nodes[node].running.add(sid)
+            return
         if not self._fails(sid, "start", 1):
             self.nodes[node].running.add(sid)
 
