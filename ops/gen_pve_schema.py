@@ -51,6 +51,8 @@ ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("POST", "/nodes/{node}/qemu/{vmid}/status/reset"),
     ("POST", "/nodes/{node}/qemu/{vmid}/status/suspend"),
     ("POST", "/nodes/{node}/qemu/{vmid}/status/resume"),
+    ("GET", "/nodes/{node}/qemu/{vmid}/migrate"),
+    ("POST", "/nodes/{node}/qemu/{vmid}/migrate"),
     ("GET", "/nodes/{node}/qemu/{vmid}/snapshot"),
     ("POST", "/nodes/{node}/qemu/{vmid}/snapshot"),
     ("GET", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}"),

@@ -22,6 +22,7 @@ from rucher.proto.common import (
     ConfigKey,
     CpuShare,
     Digest,
+    Done,
     GuestCommand,
     NodeName,
     PoolId,
@@ -109,11 +110,6 @@ class VmStart(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.start"
     owner_token: int = 0
     claim_id: str | None = None
 
-    # HA starts: the name of the lease whose fencing token this start acts under (the target
-    # node's ``ha-node:{node}``) and that token; the agent refuses the start unless the lease
-    # holds that token now, so a start issued before a fence can never run after it.
-    fence_lease: str | None = None
-    fence_epoch: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 class VmStop(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.stop"):
     """Stop a VM at once, like pulling the plug."""
@@ -190,6 +186,7 @@ class VmMigrate(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.migr
     bwlimit: BandwidthLimit | None = None
     force: bool = False
     claim_id: str | None = None
+    tunnelled: bool = False
 
 
 class VmSnapshotCreate(GuestCommand, frozen=True, kw_only=True, tag="compute.snapshot.create"):
@@ -604,4 +601,89 @@ CONSOLE_IN = Subject(
     Kind.RPC,
     Scope.NODE,
     "Console input of a session on {node}, gateway to agent, in ByteFrames (core NATS).",
+)
+
+
+# Migration between nodes ---------------------------------------------------------------------
+
+
+class LocalDisk(msgspec.Struct, frozen=True, kw_only=True):
+    """A disk only its node reaches (``GET .../migrate``'s ``local_disks``)."""
+
+    volid: str
+    size: ByteSize = 0
+    cdrom: bool = False
+    is_unused: bool = False
+
+
+class VmMigrateCheck(Query, frozen=True, kw_only=True, tag="compute.guest.migrate_check"):
+    """Whether a VM could migrate, and where to (Proxmox's migration preconditions)."""
+
+    vmid: Vmid
+    target: NodeName | None = None
+
+
+class VmMigrateCheckReport(
+    Reply, frozen=True, kw_only=True, tag="compute.guest.migrate_check_report"
+):
+    """The preconditions: run state, nodes with a compute agent, local disks and devices.
+
+    ``not_allowed_nodes`` maps a node to why it cannot take the VM now.
+    """
+
+    vmid: Vmid
+    running: bool
+    allowed_nodes: tuple[NodeName, ...] = ()
+    not_allowed_nodes: dict[NodeName, str] = {}
+    local_disks: tuple[LocalDisk, ...] = ()
+    local_resources: tuple[str, ...] = ()
+
+
+class VmMigratePrepare(
+    GuestCommand, frozen=True, kw_only=True, tag="compute.guest.migrate_prepare"
+):
+    """Source to target: check that the VM of ``source`` fits here and render its domain here."""
+
+    source: NodeName
+    online: bool = False
+
+
+class VmMigrateReady(Reply, frozen=True, kw_only=True, tag="compute.guest.migrate_ready"):
+    """The target's domain XML, and where its libvirtd and QEMU take a live migration."""
+
+    domain_xml: str
+    peer_uri: str = ""
+    migrate_uri: str = ""
+
+
+class VmMigrateFinish(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.migrate_finish"):
+    """Source to target, once the target owns the VM: define it here and publish its state."""
+
+    source: NodeName
+    online: bool = False
+
+
+GUEST_MIGRATE_CHECK = RpcSubject(
+    "rpc.compute.guest_migrate_check.{node}",
+    VmMigrateCheck,
+    Kind.RPC,
+    Scope.NODE,
+    "Migration preconditions of a VM on {node}.",
+    reply=VmMigrateCheckReport,
+)
+GUEST_MIGRATE_PREPARE = RpcSubject(
+    "rpc.compute.guest_migrate_prepare.{node}",
+    VmMigratePrepare,
+    Kind.RPC,
+    Scope.NODE,
+    "Ask {node}, a migration's target, to check and render the incoming VM's domain.",
+    reply=VmMigrateReady,
+)
+GUEST_MIGRATE_FINISH = RpcSubject(
+    "rpc.compute.guest_migrate_finish.{node}",
+    VmMigrateFinish,
+    Kind.RPC,
+    Scope.NODE,
+    "Tell {node}, a migration's target that now owns the VM, to define it and publish its state.",
+    reply=Done,
 )

@@ -156,7 +156,11 @@ class GpuInventory(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class GpuLease(msgspec.Struct, frozen=True, kw_only=True):
-    """A device, mediated device or MIG slice held by one guest, recorded by the broker."""
+    """A device, mediated device or MIG slice held by one guest, recorded by the broker.
+
+    ``original_drivers`` names, for each function the lease bound to ``vfio-pci`` (the whole
+    IOMMU group), the driver it had before ("" for none), restored on release.
+    """
 
     lease_id: str
     node: NodeName
@@ -170,6 +174,9 @@ class GpuLease(msgspec.Struct, frozen=True, kw_only=True):
     mdev_type: str | None = None
     mig_instance: MigInstance | None = None
     original_driver: str | None = None
+    original_drivers: dict[PciAddress, str] = {}
+    command_id: str | None = None
+    claim_id: str | None = None
 
 
 class PciMappingEntry(msgspec.Struct, frozen=True, kw_only=True):

@@ -15,8 +15,8 @@ from rucher.compute.config import ComputeSettings
 from rucher.compute.disks import CloneOptions
 from rucher.compute.domain_xml import HostFacts
 from rucher.compute.drivers.libvirt import LibvirtHypervisor, kvm_usable
-from rucher.compute.fencing import LeaseFence
 from rucher.compute.handlers import serve
+from rucher.compute.migrate_wiring import serve_migration
 from rucher.compute.reconcile import reconcile
 from rucher.compute.service import ComputeService
 from rucher.guests import GuestRegistry
@@ -153,7 +153,7 @@ async def setup(context: ServiceContext) -> None:
     settings = ComputeSettings.from_env(context.settings)
     await asyncio.to_thread(settings.console_dir.mkdir, parents=True, exist_ok=True)
     kvm = await asyncio.to_thread(kvm_usable)
-    hypervisor = LibvirtHypervisor(settings.libvirt_uri, kvm=kvm)
+    hypervisor = LibvirtHypervisor(settings.libvirt_uri, kvm=kvm, qemu_pids=settings.qemu_pid_dir)
     service = ComputeService(
         hypervisor,
         GuestRegistry(context.bus),
@@ -166,7 +166,6 @@ async def setup(context: ServiceContext) -> None:
         claim_client=BusClaims(context.bus),
     )
     drift = await reconcile(service)
-        fence=LeaseFence(context.bus),
     log.info("reconciled", uri=settings.libvirt_uri, kvm=kvm, drift=len(drift))
     await service.publish_capacity()
 
@@ -187,6 +186,7 @@ async def setup(context: ServiceContext) -> None:
 
     context.on_stop(stop_publisher)
     await serve(context.bus, service)
+    await serve_migration(context, settings, service)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -16,7 +17,6 @@ from rucher.bus.client import new_id
 from rucher.compute import admission, claims, disks, pending
 from rucher.compute.disks import VolumeStore
 from rucher.compute.domain_xml import HostFacts, domain_name, vmid_of
-from rucher.compute.fencing import FenceGuard, require_current_epoch
 from rucher.compute.drivers.interface import DomainInfo, Hypervisor
 from rucher.proto import compute
 from rucher.proto.base import Subject
@@ -152,7 +152,6 @@ class ComputeService:
         clock: Callable[[], float] = time.time,
         claim_client: claims.ClaimClient | None = None,
     ) -> None:
-        fence: FenceGuard | None = None,
         self.hypervisor = hypervisor
         self.guests = guests
         self.tasks = tasks
@@ -164,7 +163,6 @@ class ComputeService:
         self.clock = clock
         self.claim_client = claim_client
         self._samples: dict[int, Sample] = {}
-        self.fence = fence
 
     # Helpers ----------------------------------------------------------------------------
 
@@ -243,6 +241,10 @@ class ComputeService:
                 raise admission.invalid(key, f"{key}: {err.message}") from err
             if not mapping.libvirt_disk:
                 raise admission.invalid(key, f"{key}: volume '{volid}' is not a disk image")
+            if mapping.secret_usage and mapping.secret:
+                # An rbd disk names its cephx key by usage: each node's libvirtd holds its own.
+                key_bytes = base64.b64decode(mapping.secret)
+                await self.hypervisor.define_secret(mapping.secret_usage, key_bytes)
             mapped[key] = mapping.libvirt_disk
         return mapped
 
@@ -416,8 +418,6 @@ class ComputeService:
             await self.state_changed(
                 command.vmid, PowerState.RUNNING, PowerState.STOPPED, task.upid
             )
-            # As late as possible: a start issued before a fence must not run after it.
-            await require_current_epoch(self.fence, command)
 
         return await self._submit("qmstart", command, body)
 

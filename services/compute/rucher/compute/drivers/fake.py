@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from rucher.bus import RucherError
-from rucher.compute.drivers.interface import DomainInfo, NodeFacts
+from rucher.compute.drivers.interface import DomainInfo, MigrationTarget, NodeFacts
 from rucher.proto.common import PowerState
 from rucher.proto.errors import ErrorCode
 
@@ -43,6 +43,9 @@ class FakeHypervisor:
     refuse_define: str | None = None
     ignore_shutdown: bool = False
     calls: list[tuple[str, str]] = field(default_factory=list)
+    secrets: dict[str, bytes] = field(default_factory=dict)
+    peers: dict[str, FakeHypervisor] = field(default_factory=dict)
+    refuse_migrate: str | None = None
 
     def _get(self, name: str) -> FakeDomain:
         domain = self.domains_by_name.get(name)
@@ -169,3 +172,19 @@ class FakeHypervisor:
         """Record the live resize."""
         self._running(name)
         self.calls.append(("block_resize", f"{name}:{source}:{size}"))
+
+    async def define_secret(self, usage: str, value: bytes) -> None:
+        """Keep the secret's value by usage."""
+        self.calls.append(("define_secret", usage))
+        self.secrets[usage] = value
+
+    async def migrate(self, name: str, target: MigrationTarget) -> None:
+        """Move the running domain to the peer registered under ``target.peer_uri``."""
+        domain = self._running(name)
+        peer = self.peers.get(target.peer_uri)
+        if peer is None or self.refuse_migrate:
+            reason = self.refuse_migrate or f"cannot reach {target.peer_uri}"
+            raise RucherError(ErrorCode.INTERNAL, f"libvirt: {reason}")
+        self.calls.append(("migrate", f"{name}:{target.peer_uri}"))
+        peer.domains_by_name[name] = FakeDomain(xml=target.domain_xml, state=domain.state)
+        domain.state = PowerState.STOPPED

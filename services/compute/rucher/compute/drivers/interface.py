@@ -23,6 +23,17 @@ class DomainInfo:
 
 
 @dataclass(frozen=True)
+class MigrationTarget:
+    """Where a live migration goes: the peer libvirtd, QEMU's stream, the domain there."""
+
+    peer_uri: str
+    migrate_uri: str
+    domain_xml: str
+    bandwidth_kib: int = 0
+    tunnelled: bool = False
+
+
+@dataclass(frozen=True)
 class NodeFacts:
     """The host under the hypervisor: CPUs, memory and load, for capacity and admission."""
 
@@ -95,3 +106,13 @@ class Hypervisor(Protocol):
 
     async def block_resize(self, name: str, source: str, size: int) -> None:
         """Tell a running domain its disk ``source`` (a path or RBD name) is now ``size`` bytes."""
+
+    async def define_secret(self, usage: str, value: bytes) -> None:
+        """Define (or update) the ``ceph`` secret named ``usage`` with ``value`` (the raw key)."""
+
+    async def migrate(self, name: str, target: MigrationTarget) -> None:
+        """Move running domain ``name`` to ``target``'s hypervisor; on failure it runs here still.
+
+        The target's domain is persistent with ``target.domain_xml``; this node's definition
+        stays (stopped) until it is undefined.
+        """

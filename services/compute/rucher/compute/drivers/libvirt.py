@@ -17,7 +17,7 @@ import libvirt  # type: ignore[import-untyped]
 import libvirt_qemu  # type: ignore[import-untyped]
 
 from rucher.bus import RucherError
-from rucher.compute.drivers.interface import DomainInfo, NodeFacts
+from rucher.compute.drivers.interface import DomainInfo, MigrationTarget, NodeFacts
 from rucher.proto.common import PowerState
 from rucher.proto.errors import ErrorCode
 
@@ -71,9 +71,10 @@ def kvm_usable(cpuinfo: Path = Path("/proc/cpuinfo"), device: Path = Path("/dev/
 class LibvirtHypervisor:
     """Domains of one libvirtd (``qemu:///system`` by default)."""
 
-    def __init__(self, uri: str, *, kvm: bool) -> None:
+    def __init__(self, uri: str, *, kvm: bool, qemu_pids: Path = QEMU_PIDS) -> None:
         self.uri = uri
         self.kvm = kvm
+        self.qemu_pids = qemu_pids
         self._connection: Any = None
         self._lock = threading.Lock()
 
@@ -162,7 +163,7 @@ class LibvirtHypervisor:
         uptime = 0.0
         if state in STATES:
             try:
-                pid = int((QEMU_PIDS / f"{name}.pid").read_text().strip())
+                pid = int((self.qemu_pids / f"{name}.pid").read_text().strip())
                 uptime = _process_uptime(pid)
             except (OSError, ValueError, IndexError):
                 pid = None  # a remote or session URI: no pid file here
@@ -304,6 +305,56 @@ class LibvirtHypervisor:
             domain.blockResize(target, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
 
         await self._call(work)
+
+    async def define_secret(self, usage: str, value: bytes) -> None:
+        """Define the ``ceph`` secret ``usage`` once (private, persistent), then set its value."""
+
+        def work() -> None:
+            connection = self._conn()
+            try:
+                secret = connection.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_CEPH, usage)
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_NO_SECRET:
+                    raise
+                secret = connection.secretDefineXML(_secret_xml(usage))
+            secret.setValue(value)
+
+        await self._call(work)
+
+    async def migrate(self, name: str, target: MigrationTarget) -> None:
+        """Live-migrate peer to peer: this libvirtd drives the target's over ``peer_uri``.
+
+        QEMU streams straight to ``migrate_uri`` (or through the libvirtd connection when
+        ``tunnelled``). libvirt aborts a failed migration on both sides: the domain runs on.
+        """
+
+        def work() -> None:
+            domain = self._domain(name)
+            params: dict[str, Any] = {
+                libvirt.VIR_MIGRATE_PARAM_DEST_XML: target.domain_xml,
+                libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: target.domain_xml,
+            }
+            flags = (
+                libvirt.VIR_MIGRATE_LIVE
+                | libvirt.VIR_MIGRATE_PEER2PEER
+                | libvirt.VIR_MIGRATE_PERSIST_DEST
+            )
+            if target.tunnelled:
+                flags |= libvirt.VIR_MIGRATE_TUNNELLED
+            else:
+                params[libvirt.VIR_MIGRATE_PARAM_URI] = target.migrate_uri
+            if target.bandwidth_kib:
+                params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = -(-target.bandwidth_kib // 1024)
+            domain.migrateToURI3(target.peer_uri, params, flags)
+
+        await self._call(work)
+
+
+def _secret_xml(usage: str) -> str:
+    """A persistent, private libvirt secret of usage type ``ceph`` named ``usage``."""
+    secret = ET.Element("secret", ephemeral="no", private="yes")
+    ET.SubElement(ET.SubElement(secret, "usage", type="ceph"), "name").text = usage
+    return ET.tostring(secret, encoding="unicode")
 
 
 def _disk_target(xml: str, source: str) -> str | None:

@@ -1,0 +1,341 @@
+"""Moving a VM between nodes: Proxmox's preconditions, live (libvirt peer to peer) and offline.
+
+The source agent drives a migration as a task. It locks the guest (``migrate``), asks the target
+agent to prepare (the target checks the guest fits, maps its disks through its own storage
+service, defines the cephx secrets they need and renders the domain for itself), then either
+streams the running guest to the target's libvirtd, or, for a stopped guest, moves nothing but
+the definition. Ownership moves (``rucher.guests`` transfer, fenced by the guest's owner token)
+only once the guest runs on the target; before that every failure leaves the guest where it was,
+running, and libvirt leaves nothing on the target. The target defines the guest on ``finish``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from typing import Protocol
+
+import structlog
+
+from rucher.bus import RucherError
+from rucher.bus.client import new_id
+from rucher.compute import admission, disks
+from rucher.compute.domain_xml import DISK_KEY, domain_name
+from rucher.compute.drivers.interface import MigrationTarget
+from rucher.compute.service import ComputeService, TaskLog
+from rucher.proto import compute
+from rucher.proto.common import Done, PowerState
+from rucher.proto.errors import ErrorCode
+from rucher.proto.guest import GuestLock, GuestRecord, GuestType
+from rucher.proto.storage import VolumeProtocol
+from rucher.proto.task import TaskAccepted
+
+log = structlog.get_logger("rucher.compute.migrate")
+
+# Devices bound to this host (Proxmox's ``check_local_resources``): they block a migration.
+LOCAL_RESOURCE = re.compile(r"^(hostpci|usb|parallel)\d+$")
+SERIAL = re.compile(r"^serial\d+$")
+SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]?)$")
+SHARED_PROTOCOLS = frozenset({VolumeProtocol.RBD})
+
+
+class MigrationGuests(Protocol):
+    """The guest registry operations a migration needs (``rucher.guests.GuestRegistry``)."""
+
+    async def get(self, vmid: int) -> GuestRecord:
+        """One document, or ``not_found``."""
+
+    async def set_lock(
+        self, vmid: int, lock: GuestLock, *, digest: str | None = None
+    ) -> GuestRecord:
+        """Take ``lock`` on an unlocked guest."""
+
+    async def clear_lock(self, vmid: int, lock: GuestLock) -> GuestRecord:
+        """Release ``lock``."""
+
+    async def transfer(
+        self, vmid: int, *, from_node: str, to_node: str, token: int = 0
+    ) -> GuestRecord:
+        """Move ownership in one atomic write, fenced by ``token``."""
+
+
+class Peers(Protocol):
+    """The other nodes' compute agents, as a migration source or target talks to them."""
+
+    async def nodes(self) -> set[str]:
+        """Nodes whose compute agent is registered now."""
+
+    async def prepare(self, node: str, command: compute.VmMigratePrepare) -> compute.VmMigrateReady:
+        """Ask ``node`` to get ready to receive a guest."""
+
+    async def finish(self, node: str, command: compute.VmMigrateFinish) -> None:
+        """Tell ``node`` the guest is its own now."""
+
+
+def _size(value: str) -> int:
+    """The bytes of a disk's ``size=`` option (``32G``), or 0."""
+    for part in value.split(",")[1:]:
+        name, _, text = part.partition("=")
+        found = SIZE.match(text) if name == "size" else None
+        if found is not None:
+            return int(float(found[1]) * (1 << (10 * " KMGT".index(found[2] or " "))))
+    return 0
+
+
+def local_resources(config: Mapping[str, str]) -> tuple[str, ...]:
+    """Config keys naming devices of this host: PCI and USB passthrough, host serial ports."""
+    found = [key for key in config if LOCAL_RESOURCE.match(key)]
+    found += [key for key in config if SERIAL.match(key) and config[key].startswith("/dev/")]
+    return tuple(sorted(found))
+
+
+class Migrator:
+    """One node's half of every migration: the source's task and the target's two steps."""
+
+    def __init__(
+        self,
+        service: ComputeService,
+        guests: MigrationGuests,
+        peers: Peers,
+        *,
+        migration_address: str | None = None,
+        peer_uri: str | None = None,
+    ) -> None:
+        self.service = service
+        self.guests = guests
+        self.peers = peers
+        self.migration_address = migration_address
+        self.peer_uri = peer_uri
+
+    @property
+    def node(self) -> str:
+        """This node's name."""
+        return self.service.node
+
+    async def _owned(self, vmid: int) -> GuestRecord:
+        record = await self.guests.get(vmid)
+        if record.node != self.node or record.type is not GuestType.QEMU:
+            raise RucherError(
+                ErrorCode.NOT_FOUND,
+                f"Configuration file 'nodes/{self.node}/qemu-server/{vmid}.conf' does not exist",
+            )
+        return record
+
+    async def _running(self, vmid: int) -> bool:
+        info = await self.service.hypervisor.info(domain_name(vmid))
+        return info is not None and info.state is not PowerState.STOPPED
+
+    async def local_disks(self, config: Mapping[str, str]) -> tuple[compute.LocalDisk, ...]:
+        """The config's disks that only this node reaches (anything not on shared storage)."""
+        found: list[compute.LocalDisk] = []
+        keys = [*disks.disk_keys(config), *sorted(k for k in config if disks.UNUSED_KEY.match(k))]
+        for key in keys:
+            value = config[key]
+            volid = disks.disk_file(value)
+            cdrom = "media=cdrom" in value.split(",")[1:]
+            if volid in {"none", "cdrom"} or disks.NEW_DISK.match(volid):
+                continue
+            if not volid.startswith("/"):
+                try:
+                    mapping = await self.service.volumes.map(volid)
+                except RucherError as err:
+                    if err.code not in {ErrorCode.NOT_FOUND, ErrorCode.INVALID}:
+                        raise
+                    raise admission.invalid(key, f"{key}: {err.message}") from err
+                if mapping.protocol in SHARED_PROTOCOLS:
+                    continue
+            found.append(
+                compute.LocalDisk(
+                    volid=volid,
+                    size=_size(value),
+                    cdrom=cdrom,
+                    is_unused=not DISK_KEY.match(key),
+                )
+            )
+        return tuple(found)
+
+    # Source: preconditions and the migration task -----------------------------------------
+
+    async def check(self, query: compute.VmMigrateCheck) -> compute.VmMigrateCheckReport:
+        """``GET .../migrate``: run state, where the guest may go, what keeps it here."""
+        record = await self._owned(query.vmid)
+        others = sorted((await self.peers.nodes()) - {self.node})
+        refused: dict[str, str] = {}
+        if query.target is not None and query.target not in others:
+            refused[query.target] = self._unknown_target(query.target)
+        return compute.VmMigrateCheckReport(
+            vmid=query.vmid,
+            running=await self._running(query.vmid),
+            allowed_nodes=tuple(others),
+            not_allowed_nodes=refused,
+            local_disks=await self.local_disks(record.config),
+            local_resources=local_resources(record.config),
+        )
+
+    def _unknown_target(self, target: str) -> str:
+        if target == self.node:
+            return "target is local node."
+        return f"no such cluster node '{target}' (no compute agent runs there)"
+
+    async def migrate(self, command: compute.VmMigrate) -> TaskAccepted:
+        """Check Proxmox's preconditions, lock the guest, then migrate it in a task."""
+        record = await self._owned(command.vmid)
+        if record.lock is not None:
+            raise RucherError(
+                ErrorCode.LOCKED, f"VM is locked ({record.lock})", details={"lock": record.lock}
+            )
+        if command.target == self.node or command.target not in await self.peers.nodes():
+            raise admission.invalid("target", self._unknown_target(command.target))
+        running = await self._running(command.vmid)
+        if running and not command.online:
+            raise admission.invalid("online", "can't migrate running VM without --online")
+        devices = local_resources(record.config)
+        if devices and not command.force:
+            names = ", ".join(devices)
+            raise admission.invalid("force", f"can't migrate VM which uses local devices: {names}")
+        local = await self.local_disks(record.config)
+        if local and not command.with_local_disks:
+            raise admission.invalid(
+                "with-local-disks",
+                f"can't migrate local disk '{local[0].volid}': use --with-local-disks "
+                "(or move it to shared storage)",
+            )
+        if local:
+            raise RucherError(
+                ErrorCode.UNSUPPORTED,
+                f"copying local disks ('{local[0].volid}') during a migration is not supported yet",
+                details={"field": "with-local-disks"},
+            )
+        record = await self.guests.set_lock(command.vmid, GuestLock.MIGRATE)
+
+        async def body(task: TaskLog) -> None:
+            try:
+                await self._move(command, record, running, task)
+            except BaseException:
+                await self.guests.clear_lock(command.vmid, GuestLock.MIGRATE)
+                raise
+
+        try:
+            upid = await self.service.tasks.submit(
+                task_type="qmigrate",
+                task_id=str(command.vmid),
+                user=command.user,
+                body=body,
+                command_id=command.command_id,
+            )
+        except BaseException:
+            await self.guests.clear_lock(command.vmid, GuestLock.MIGRATE)
+            raise
+        return TaskAccepted(upid=upid)
+
+    async def _move(
+        self, command: compute.VmMigrate, record: GuestRecord, running: bool, task: TaskLog
+    ) -> None:
+        vmid, target, name = command.vmid, command.target, domain_name(command.vmid)
+        kind = "online" if running else "offline"
+        await task.log(f"starting {kind} migration of VM {vmid} to node '{target}'")
+        ready = await self.peers.prepare(
+            target,
+            compute.VmMigratePrepare(
+                command_id=new_id(), vmid=vmid, user=command.user, source=self.node, online=running
+            ),
+        )
+        downtime: float | None = None
+        if running:
+            await task.log(f"migrating the running VM to {ready.peer_uri} ({ready.migrate_uri})")
+            started = time.monotonic()
+            await self.service.hypervisor.migrate(
+                name,
+                MigrationTarget(
+                    peer_uri=ready.peer_uri,
+                    migrate_uri=ready.migrate_uri,
+                    domain_xml=ready.domain_xml,
+                    bandwidth_kib=command.bwlimit or 0,
+                    tunnelled=command.tunnelled,
+                ),
+            )
+            downtime = time.monotonic() - started
+            await task.log(f"migration finished in {downtime:.1f} s: VM runs on '{target}'")
+        try:
+            await self.guests.transfer(
+                vmid, from_node=self.node, to_node=target, token=record.owner_token
+            )
+        except RucherError as err:
+            if running:
+                log.exception("migrated_guest_not_transferred", vmid=vmid, target=target)
+                await task.log(f"VM runs on '{target}' but its ownership could not move")
+            raise RucherError(err.code, f"ownership did not move: {err.message}") from err
+        await self.guests.clear_lock(vmid, GuestLock.MIGRATE)
+        await task.log(f"VM {vmid} belongs to node '{target}' now")
+        await self.service.hypervisor.undefine(name)
+        try:
+            await self.peers.finish(
+                target,
+                compute.VmMigrateFinish(
+                    command_id=new_id(),
+                    vmid=vmid,
+                    user=command.user,
+                    source=self.node,
+                    online=running,
+                ),
+            )
+        except RucherError as err:
+            # The target defines the guest from its config at its next start or reconcile.
+            log.warning("migrate_finish_failed", vmid=vmid, target=target, error=err.message)
+            await task.log(f"node '{target}' did not confirm: {err.message}")
+        await self.service.state_changed(
+            vmid, PowerState.STOPPED, PowerState.RUNNING if running else None, task.upid
+        )
+        migrated = compute.VmMigrated(
+            **self.service.event_fields(),
+            vmid=vmid,
+            target=target,
+            online=running,
+            downtime=downtime,
+            upid=task.upid,
+        )
+        await self.service.events.emit(compute.GUEST_MIGRATED, migrated)
+
+    # Target: prepare and finish -----------------------------------------------------------
+
+    async def prepare(self, command: compute.VmMigratePrepare) -> compute.VmMigrateReady:
+        """Check the incoming guest fits here, map its disks here, render its domain here."""
+        record = await self.guests.get(command.vmid)
+        if record.node != command.source or record.lock is not GuestLock.MIGRATE:
+            raise RucherError(
+                ErrorCode.CONFLICT,
+                f"VM {command.vmid} is not being migrated from node {command.source}",
+                details={"node": record.node},
+            )
+        if await self.service.hypervisor.info(domain_name(command.vmid)) is not None:
+            raise RucherError(
+                ErrorCode.CONFLICT,
+                f"a domain {domain_name(command.vmid)} already exists on node {self.node}",
+            )
+        hypervisor = self.service.hypervisor
+        admission.check_node(record.config, await hypervisor.node(), await hypervisor.bridges())
+        volumes = await self.service.map_volumes(record.config)
+        xml = admission.render(command.vmid, record.config, self.service.facts, volumes)
+        if not command.online:
+            return compute.VmMigrateReady(domain_xml=xml)
+        if not self.migration_address or not self.peer_uri:
+            raise RucherError(
+                ErrorCode.UNSUPPORTED,
+                f"node {self.node} takes no live migration: its agent has no migration address",
+            )
+        return compute.VmMigrateReady(
+            domain_xml=xml,
+            peer_uri=self.peer_uri,
+            migrate_uri=f"tcp://{self.migration_address}",
+        )
+
+    async def finish(self, command: compute.VmMigrateFinish) -> Done:
+        """The guest is this node's now: define a moved stopped guest, publish its state."""
+        record = await self._owned(command.vmid)
+        info = await self.service.hypervisor.info(domain_name(command.vmid))
+        if info is None:
+            await self.service.define(record)
+        state = PowerState.STOPPED if info is None else info.state
+        await self.service.state_changed(command.vmid, state, None, None)
+        return Done()

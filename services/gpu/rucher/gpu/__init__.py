@@ -1,0 +1,1 @@
+"""Rucher GPU broker: discovery, passthrough, mdev vGPU, MIG and SR-IOV VF leases."""

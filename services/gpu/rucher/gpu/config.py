@@ -1,0 +1,53 @@
+"""The GPU broker's settings, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from rucher.service import Settings, SettingsError
+
+NVML_MODES = ("auto", "off")
+
+
+@dataclass(frozen=True)
+class GpuSettings:
+    """What the broker reads beyond every service's ``RUCHER_*`` settings."""
+
+    base: Settings
+    sysfs_root: Path
+    nvml: str
+    discovery_interval: float
+    release_grace: float
+
+    @classmethod
+    def from_env(cls, base: Settings, environ: Mapping[str, str] = os.environ) -> GpuSettings:
+        """Read the settings, naming the variable at fault when one is wrong."""
+
+        def number(name: str, default: float, minimum: float) -> float:
+            raw = environ.get(name, "")
+            if raw == "":
+                return default
+            try:
+                value = float(raw)
+            except ValueError as err:
+                raise SettingsError(f"{name}={raw!r} is not a number") from err
+            if value < minimum:
+                raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
+            return value
+
+        root = Path(environ.get("RUCHER_GPU_SYSFS_ROOT", "") or "/sys")
+        if not root.is_dir():
+            raise SettingsError(f"RUCHER_GPU_SYSFS_ROOT={str(root)!r} is not a folder")
+        nvml = environ.get("RUCHER_GPU_NVML", "") or "auto"
+        if nvml not in NVML_MODES:
+            raise SettingsError(f"RUCHER_GPU_NVML={nvml!r}: use one of {', '.join(NVML_MODES)}")
+        return cls(
+            base=base,
+            sysfs_root=root,
+            nvml=nvml,
+            discovery_interval=number("RUCHER_GPU_DISCOVERY_INTERVAL", 30.0, 0.1),
+            release_grace=number("RUCHER_GPU_RELEASE_GRACE", 60.0, 0.0),
+        )

@@ -1,0 +1,238 @@
+"""Migration between two harness nodes, each with its own libvirtd, storage service and agent.
+
+The nodes share one Ceph (its monitor on the harness bridge): a guest whose disk is an RBD image
+moves live from n1 to n2 through the two libvirt daemons, a stopped guest moves by its definition
+alone, and refused migrations name their reason and change nothing.
+"""
+# ruff: noqa: F811 - pytest fixtures imported from rucher.testing.libvirt are parameters here
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rucher.bus import Bus, RucherError
+from rucher.bus.client import new_id
+from rucher.guests import GuestRegistry
+from rucher.proto import compute
+from rucher.proto import storage as s
+from rucher.proto.common import PowerState
+from rucher.proto.errors import ErrorCode
+from rucher.proto.guest import GuestLock
+from rucher.proto.storage import ContentType, StorageDefinition, StorageType
+from rucher.testing.ceph import CephCluster, ceph_unavailable
+from rucher.testing.harness import Harness
+from rucher.testing.libvirt import GuestImage, guest_image  # noqa: F401 - fixture
+
+from .buses import connected, until
+from .storage_service import call
+from .test_compute_agent import USER, guest_config, task_end
+
+libvirt = pytest.importorskip("libvirt")
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+NODES = ("n1", "n2")
+
+
+@dataclass
+class Cluster:
+    """Two harness nodes running storage and compute, with the shared Ceph."""
+
+    harness: Harness
+    ceph: CephCluster
+
+    def uri(self, node: str) -> str:
+        """The node's own libvirtd."""
+        return self.harness.node(node).libvirtd.uri
+
+    def domains(self, node: str) -> dict[str, bool]:
+        """The node's libvirt domains, name → active."""
+        connection = libvirt.open(self.uri(node))
+        try:
+            return {
+                domain.name(): bool(domain.isActive()) for domain in connection.listAllDomains()
+            }
+        finally:
+            connection.close()
+
+    def cpu_time(self, node: str, name: str) -> int:
+        """CPU nanoseconds the domain has used (grows while its guest runs)."""
+        connection = libvirt.open(self.uri(node))
+        try:
+            return int(connection.lookupByName(name).info()[4])
+        finally:
+            connection.close()
+
+
+@pytest.fixture
+def cluster(harness_factory, tmp_path) -> Iterator[Cluster]:
+    """n1 and n2 with a libvirtd each, a Ceph on the bridge, storage and compute on each node."""
+    reason = ceph_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    harness = harness_factory(nodes=2, libvirt=True)
+    ceph = CephCluster(tmp_path / "ceph", host=harness.bridge_address).start()
+    try:
+        for node in harness.nodes:
+            local = str(node.state_dir / "local")
+            extra = {"RUCHER_REGISTRY_TTL": "3", "RUCHER_STORAGE_LOCAL_PATH": local}
+            node.start_service("storage", [sys.executable, "-m", "rucher.storage"], extra)
+            node.start_service(
+                "compute",
+                [sys.executable, "-m", "rucher.compute"],
+                {"RUCHER_REGISTRY_TTL": "3", "RUCHER_COMPUTE_SHUTDOWN_TIMEOUT": "30"},
+            )
+        yield Cluster(harness, ceph)
+    finally:
+        ceph.stop()
+
+
+@pytest.fixture
+async def bus(cluster) -> AsyncIterator[Bus]:
+    """A client of the harness's cluster, once every agent answers and ``ceph`` is defined."""
+    async with connected(cluster.harness.urls, node="n1", service="test") as client:
+        for node in NODES:
+            await until(lambda node=node: _answers(client, node), timeout=90, every=0.3)
+        await call(
+            client,
+            s.DEFINITION_CREATE,
+            definition=StorageDefinition(
+                storage="ceph",
+                storage_type=StorageType.RBD,
+                content=(ContentType.IMAGES,),
+                monhost=(cluster.ceph.monhost,),
+                pool=cluster.ceph.pool,
+            ),
+            keyring=cluster.ceph.admin_keyring.read_text(),
+        )
+        yield client
+
+
+async def _answers(bus: Bus, node: str) -> bool:
+    try:
+        await bus.request(
+            compute.GUEST_STATUS.to(node=node), compute.VmStatusQuery(vmid=999_999_998), timeout=2
+        )
+    except RucherError as err:
+        return err.code is ErrorCode.NOT_FOUND
+    try:
+        await bus.request(s.STATUS.to(node=node), s.StorageStatusQuery(), timeout=2)
+    except RucherError:
+        return False
+    return True
+
+
+async def ask(bus: Bus, node: str, subject, message) -> str:  # type: ignore[no-untyped-def]
+    """Send ``message`` to ``node``'s agent; the task's UPID."""
+    reply = await bus.request(subject.to(node=node), message, timeout=60)
+    return str(reply.upid)
+
+
+async def finished_ok(bus: Bus, upid: str) -> None:
+    """Wait for the task and require it to have succeeded."""
+    state = await task_end(bus, upid, timeout=180)
+    assert state.exitstatus == "OK", state
+
+
+async def create(bus: Bus, vmid: int, image: GuestImage, *, start: bool, **disks: str) -> None:
+    """Create the test guest on n1 (and start it)."""
+    config = guest_config(image, name=f"migrate-{vmid}", **disks)
+    command = compute.VmCreate(command_id=new_id(), vmid=vmid, user=USER, config=config)
+    await finished_ok(bus, await ask(bus, "n1", compute.GUEST_CREATE, command))
+    if start:
+        command = compute.VmStart(command_id=new_id(), vmid=vmid, user=USER)
+        await finished_ok(bus, await ask(bus, "n1", compute.GUEST_START, command))
+
+
+def migrate(vmid: int, target: str, **options: bool) -> compute.VmMigrate:
+    """A migration command from the test's user."""
+    return compute.VmMigrate(command_id=new_id(), vmid=vmid, user=USER, target=target, **options)
+
+
+async def test_a_running_guest_on_rbd_moves_live_to_the_other_node(cluster, bus, guest_image):
+    vmid = 990_601
+    name = f"rucher-{vmid}"
+    await create(bus, vmid, guest_image, start=True, scsi0="ceph:0.1")
+    guests = GuestRegistry(bus)
+    record = await guests.get(vmid)
+    assert record.config["scsi0"].startswith(f"ceph:vm-{vmid}-disk-0")
+    # The disk reaches QEMU as a network disk, its cephx key in n1's libvirt secret.
+    connection = libvirt.open(cluster.uri("n1"))
+    xml = connection.lookupByName(name).XMLDesc()
+    secrets = [secret.usageID() for secret in connection.listAllSecrets()]
+    connection.close()
+    assert "protocol='rbd'" in xml or 'protocol="rbd"' in xml
+    assert secrets == ["rucher-ceph-ceph"]
+
+    check = await bus.request(
+        compute.GUEST_MIGRATE_CHECK.to(node="n1"), compute.VmMigrateCheck(vmid=vmid)
+    )
+    assert check.running and check.allowed_nodes == ("n2",)
+    assert check.local_disks == () and check.local_resources == ()
+    before = cluster.cpu_time("n1", name)
+
+    upid = await ask(bus, "n1", compute.GUEST_MIGRATE, migrate(vmid, "n2", online=True))
+    await finished_ok(bus, upid)
+
+    record = await guests.get(vmid)
+    assert record.node == "n2" and record.lock is None
+    assert name not in cluster.domains("n1")
+    assert cluster.domains("n2") == {name: True}
+    assert cluster.cpu_time("n2", name) >= before  # the same guest, its CPU time carried on
+    report = await bus.request(compute.GUEST_STATUS.to(node="n2"), compute.VmStatusQuery(vmid=vmid))
+    assert report.status is PowerState.RUNNING
+    with pytest.raises(RucherError) as gone:
+        await bus.request(compute.GUEST_STATUS.to(node="n1"), compute.VmStatusQuery(vmid=vmid))
+    assert gone.value.code is ErrorCode.NOT_FOUND
+    # n2 runs it now: stopping and destroying it there frees the RBD image too.
+    stop = compute.VmStop(command_id=new_id(), vmid=vmid, user=USER)
+    await finished_ok(bus, await ask(bus, "n2", compute.GUEST_STOP, stop))
+    destroy = compute.VmDestroy(command_id=new_id(), vmid=vmid, user=USER, purge=True)
+    await finished_ok(bus, await ask(bus, "n2", compute.GUEST_DESTROY, destroy))
+    assert cluster.domains("n2") == {}
+
+
+async def test_offline_migration_and_refusals(cluster, bus, guest_image):
+    guests = GuestRegistry(bus)
+    stopped, local = 990_611, 990_612
+    await create(bus, stopped, guest_image, start=False, scsi0="ceph:0.1")
+    await create(bus, local, guest_image, start=True, scsi0="local:0.1,format=qcow2")
+
+    async def refused(command: compute.VmMigrate, field: str, words: str) -> None:
+        before = await guests.get(command.vmid)
+        with pytest.raises(RucherError) as caught:
+            await bus.request(compute.GUEST_MIGRATE.to(node="n1"), command, timeout=60)
+        assert caught.value.details.get("field") == field, caught.value
+        assert words in caught.value.message
+        after = await guests.get(command.vmid)
+        assert (after.node, after.lock, after.digest) == (before.node, None, before.digest)
+
+    await refused(migrate(stopped, "n9"), "target", "no such cluster node 'n9'")
+    await refused(migrate(stopped, "n1"), "target", "target is local node")
+    await refused(migrate(local, "n2"), "online", "without --online")
+    await refused(
+        migrate(local, "n2", online=True), "with-local-disks", f"local:{local}/vm-{local}-disk-0"
+    )
+    check = await bus.request(
+        compute.GUEST_MIGRATE_CHECK.to(node="n1"), compute.VmMigrateCheck(vmid=local)
+    )
+    assert [disk.volid for disk in check.local_disks] == [f"local:{local}/vm-{local}-disk-0.qcow2"]
+    assert cluster.domains("n1")[f"rucher-{local}"] is True
+    assert cluster.domains("n2") == {}
+
+    upid = await ask(bus, "n1", compute.GUEST_MIGRATE, migrate(stopped, "n2"))
+    await finished_ok(bus, upid)
+    record = await guests.get(stopped)
+    assert record.node == "n2" and record.lock is not GuestLock.MIGRATE
+    assert f"rucher-{stopped}" not in cluster.domains("n1")
+    assert cluster.domains("n2") == {f"rucher-{stopped}": False}
+    # It starts on its new node, its RBD disk mapped there.
+    start = compute.VmStart(command_id=new_id(), vmid=stopped, user=USER)
+    await finished_ok(bus, await ask(bus, "n2", compute.GUEST_START, start))
+    assert cluster.domains("n2") == {f"rucher-{stopped}": True}
