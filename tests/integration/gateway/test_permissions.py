@@ -31,7 +31,7 @@ from rucher.tasks import TaskStore, UpidMinter
 
 from ..buses import connected
 from .stack import ADMIN, ADMIN_PASSWORD, NODE, Api, grant, logged_in, make_user, unique
-from .test_qemu_helpers import make_vm, next_vmid, start_agent, wait_agent
+from .test_qemu_helpers import finished, make_vm, next_vmid, start_agent, wait_agent
 from .test_storage_helpers import make_volume, start_storage, wait_storage
 
 pytestmark = pytest.mark.integration
@@ -198,6 +198,24 @@ def _vm(**state: bool) -> Prepare:
     return prepare
 
 
+async def _snapshot(admin: Api, world: World) -> Params:
+    """A fresh stopped VM with one snapshot, ``snap``."""
+    vmid = await make_vm(admin)
+    reply = await admin.post(f"/nodes/{NODE}/qemu/{vmid}/snapshot", snapname="snap")
+    assert reply.status == 200, reply
+    assert (await finished(admin, reply.data))["exitstatus"] == "OK"
+    return {"node": NODE, "vmid": vmid, "snapname": "snap"}
+
+
+async def _clone(admin: Api, world: World) -> Params:
+    return {"node": NODE, "vmid": await make_vm(admin), "newid": next_vmid()}
+
+
+async def _disk_vm(admin: Api, world: World) -> Params:
+    vmid = await make_vm(admin, scsi0="local:1")
+    return {"node": NODE, "vmid": vmid, "disk": "scsi0", "size": "+1M"}
+
+
 async def _new_storage(admin: Api, world: World) -> Params:
     storage = unique("s")
     return {"storage": storage, "type": "dir", "path": str(world.dirs / storage)}
@@ -261,6 +279,19 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/nodes/{node}/qemu/{vmid}/status/reset"): Case(_vm(start=True)),
     ("POST", "/nodes/{node}/qemu/{vmid}/status/suspend"): Case(_vm(start=True)),
     ("POST", "/nodes/{node}/qemu/{vmid}/status/resume"): Case(_vm(paused=True)),
+    ("GET", "/nodes/{node}/qemu/{vmid}/snapshot"): Case(_world_vm),
+    ("POST", "/nodes/{node}/qemu/{vmid}/snapshot"): Case(_plus(_vm(), snapname="matrix")),
+    ("GET", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}"): Case(_snapshot),
+    ("DELETE", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}"): Case(_snapshot),
+    ("GET", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/config"): Case(_snapshot),
+    ("PUT", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/config"): Case(
+        _plus(_snapshot, description="matrix")
+    ),
+    ("POST", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/rollback"): Case(_snapshot),
+    ("GET", "/nodes/{node}/qemu/{vmid}/pending"): Case(_world_vm),
+    ("POST", "/nodes/{node}/qemu/{vmid}/template"): Case(_vm()),
+    ("POST", "/nodes/{node}/qemu/{vmid}/clone"): Case(_clone),
+    ("PUT", "/nodes/{node}/qemu/{vmid}/resize"): Case(_disk_vm),
     ("GET", "/storage"): Case(_nothing),
     ("POST", "/storage"): Case(_new_storage),
     ("GET", "/storage/{storage}"): Case(_storage),
