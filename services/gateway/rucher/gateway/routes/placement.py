@@ -248,6 +248,9 @@ async def create_vm_placed(call: Call) -> str:
     try:
         reply = await call.ask(compute.GUEST_CREATE.to(node=placement.node), create)
     except RucherError as err:
+        if err.code is ErrorCode.TIMEOUT:
+            # The agent may still have taken it: it confirms the claim, or the claim runs out.
+            raise
         # No task took the claim over: give the room back now rather than at its expiry.
         release = ClaimRelease(
             command_id=new_id(),
