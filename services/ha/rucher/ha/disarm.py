@@ -53,6 +53,20 @@ def _execute_migration(manager: Manager, command: str, task: str, sid: str, targ
         data.cmd = [task, target]
 
 
+def _adopt_moves(manager: Manager, services: dict[str, ServiceConfig]) -> None:
+    """Take over where guests were moved by hand while HA did not track them."""
+    for sid in sorted(manager.ss):
+        data = manager.ss[sid]
+        config = services.get(sid)
+        if config is not None and config.node != data.node:
+            manager.env.log(
+                "info",
+                f"service '{sid}': updating node '{data.node}' => '{config.node}' "
+                "(changed while disarmed)",
+            )
+            data.node = config.node
+
+
 def handle_commands(  # noqa: PLR0912
     manager: Manager, commands: list[str], services: dict[str, ServiceConfig]
 ) -> None:
@@ -107,6 +121,7 @@ def handle_commands(  # noqa: PLR0912
             env.log("info", f"got crm command: {command}")
             if manager.ms.disarm is not None:
                 manager.ms.disarm.rearm = True
+                _adopt_moves(manager, services)
         else:
             env.log("err", f"unable to parse crm command: {command}")
 
