@@ -20,16 +20,10 @@ FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "pve-ha
 SCENARIOS = sorted(path.name for path in FIXTURES.iterdir() if path.is_dir())
 REQUIRED_RATIO = 0.90
 
-REBALANCE_ON_START = (
-    "rebalance-on-start picks other targets than Proxmox: which states count in node usage "
-    "at request_start is not yet Proxmox's"
-)
 AUTO_REBALANCE = (
     "automatic rebalancing: Proxmox's candidate set (topsis method, constrained resources, "
     "imbalance after a finished migration) differs"
 )
-AFFINITY = "Proxmox's compilation of mixed and strict resource-affinity rules is not reproduced"
-DISARM = "disarm-ha corner cases (fencing, ignored services, maintenance) are not reproduced"
 MAINTENANCE = "maintenance requests for offline nodes or across manager changes are not reproduced"
 
 KNOWN_FAILING: dict[str, str] = {
@@ -41,19 +35,10 @@ KNOWN_FAILING: dict[str, str] = {
     "test-crs-dynamic-auto-rebalance3": AUTO_REBALANCE,
     "test-crs-dynamic-constrained-auto-rebalance3": AUTO_REBALANCE,
     "test-crs-dynamic-constrained-auto-rebalance4": AUTO_REBALANCE,
-    "test-crs-dynamic-rebalance1": REBALANCE_ON_START,
-    "test-crs-static-rebalance-resource-affinity1": REBALANCE_ON_START,
-    "test-crs-static-rebalance-resource-affinity2": REBALANCE_ON_START,
-    "test-crs-static-rebalance-resource-affinity3": REBALANCE_ON_START,
-    "test-crs-static-rebalance2": REBALANCE_ON_START,
-    "test-disarm-fence2": DISARM,
-    "test-disarm-ignored2": DISARM,
-    "test-disarm-maintenance3": DISARM,
-    "test-resource-affinity-strict-mixed1": AFFINITY,
-    "test-resource-affinity-strict-mixed2": AFFINITY,
-    "test-resource-affinity-strict-mixed4": AFFINITY,
-    "test-resource-affinity-strict-negative4": AFFINITY,
-    "test-resource-affinity-with-node-affinity-strict-positive2": AFFINITY,
+    "test-crs-static-rebalance-resource-affinity3": (
+        "rebalance-on-start with five nodes and affinity groups picks other targets than Proxmox"
+    ),
+    "test-disarm-fence2": "disarm-ha while a node is being fenced: recovery target differs",
 }
 
 
@@ -92,10 +77,6 @@ def test_scenario_matches_proxmox(name, tmp_path):
     assert run_scenario(name, tmp_path) == []
 
 
-@pytest.mark.xfail(
-    reason=f"{len(SCENARIOS) - len(KNOWN_FAILING)} of {len(SCENARIOS)} match, the target is 90%",
-    strict=True,
-)
 def test_pass_ratio(tmp_path):
     passed = sum(1 for name in SCENARIOS if not run_scenario(name, tmp_path / "ratio"))
     assert passed / len(SCENARIOS) >= REQUIRED_RATIO, f"{passed} of {len(SCENARIOS)} match"
