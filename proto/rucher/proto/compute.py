@@ -16,7 +16,7 @@ from typing import Annotated
 import msgspec
 
 from rucher.proto.base import Event, Kind, Reply, RpcSubject, Scope, Subject
-from rucher.proto.bus import ByteFrame
+from rucher.proto.bus import SessionSubjects
 from rucher.proto.common import (
     ByteSize,
     ConfigKey,
@@ -588,19 +588,9 @@ CONSOLE_OPEN = RpcSubject(
     "Open a VM's serial console on {node}; bytes then flow on console_data subjects.",
     reply=ConsoleOpened,
 )
-CONSOLE_OUT = Subject(
-    "rpc.compute.console_data.{node}.{session}.out",
-    ByteFrame,
-    Kind.RPC,
-    Scope.NODE,
-    "Console output of a session on {node}, agent to gateway, in ByteFrames (core NATS).",
-)
-CONSOLE_IN = Subject(
-    "rpc.compute.console_data.{node}.{session}.in",
-    ByteFrame,
-    Kind.RPC,
-    Scope.NODE,
-    "Console input of a session on {node}, gateway to agent, in ByteFrames (core NATS).",
+CONSOLE_DATA = SessionSubjects(
+    "rpc.compute.console_data",
+    "A console session's bytes on core NATS: .out from the agent of {node}, .in to it.",
 )
 
 

@@ -19,6 +19,7 @@ from rucher.compute.handlers import serve
 from rucher.compute.migrate_wiring import serve_migration
 from rucher.compute.reconcile import reconcile
 from rucher.compute.service import ComputeService
+from rucher.compute.wiring import serve_console_and_rrd
 from rucher.guests import GuestRegistry
 from rucher.proto import storage as s
 from rucher.proto.base import Subject
@@ -187,6 +188,7 @@ async def setup(context: ServiceContext) -> None:
     context.on_stop(stop_publisher)
     await serve(context.bus, service)
     await serve_migration(context, settings, service)
+    await serve_console_and_rrd(context, settings, service)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ class ComputeSettings:
     # The address this node's libvirtd and QEMU take live migrations on (none: no live ones in).
     migration_address: str | None = None
     qemu_pid_dir: Path = Path("/run/libvirt/qemu")
+    rrd_interval: float = 20.0
 
     @classmethod
     def from_env(cls, base: Settings, environ: Mapping[str, str] = os.environ) -> ComputeSettings:
@@ -51,4 +52,5 @@ class ComputeSettings:
             capacity_interval=number("RUCHER_COMPUTE_CAPACITY_INTERVAL", 30.0),
             migration_address=environ.get("RUCHER_COMPUTE_MIGRATION_ADDRESS") or None,
             qemu_pid_dir=Path(environ.get("RUCHER_LIBVIRT_QEMU_PID_DIR") or "/run/libvirt/qemu"),
+            rrd_interval=number("RUCHER_COMPUTE_RRD_INTERVAL", 20.0),
         )

@@ -26,6 +26,8 @@ from rucher.gateway.routes import (
     qemu,
     qemu_migrate,
     qemu_snapshot,
+    qemu_console,
+    qemu_rrd,
     storage,
     tasks,
     users,
@@ -41,6 +43,8 @@ ROUTE_TABLES: tuple[RouteTable, ...] = (
     qemu.ROUTES,
     qemu_migrate.ROUTES,
     qemu_snapshot.ROUTES,
+    qemu_console.ROUTES,
+    qemu_rrd.ROUTES,
     placement.ROUTES,
     storage.ROUTES,
     tasks.ROUTES,
@@ -123,6 +127,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def not_implemented(request: Request) -> Response:
         return dialect.failure(501, f"Method '{request.method} {request.url.path}' not implemented")
 
+    app.router.routes.extend(qemu_console.websocket_routes(gateway))
     app.router.routes.append(Route(OPENAPI_PATH, openapi_document, methods=["GET"]))
     app.router.routes.append(
         Route(
