@@ -38,6 +38,7 @@ pytestmark = pytest.mark.integration
 
 SCHEMA = bundled_schema()
 PASSWORD = "matrix-pass-1"
+PEER = "n2"
 Params = dict[str, Any]
 Prepare = Callable[[Api, "World"], Awaitable[Params]]
 
@@ -279,6 +280,8 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/nodes/{node}/qemu/{vmid}/status/reset"): Case(_vm(start=True)),
     ("POST", "/nodes/{node}/qemu/{vmid}/status/suspend"): Case(_vm(start=True)),
     ("POST", "/nodes/{node}/qemu/{vmid}/status/resume"): Case(_vm(paused=True)),
+    ("GET", "/nodes/{node}/qemu/{vmid}/migrate"): Case(_world_vm),
+    ("POST", "/nodes/{node}/qemu/{vmid}/migrate"): Case(_plus(_vm(), target=PEER)),
     ("GET", "/nodes/{node}/qemu/{vmid}/snapshot"): Case(_world_vm),
     ("POST", "/nodes/{node}/qemu/{vmid}/snapshot"): Case(_plus(_vm(), snapname="matrix")),
     ("GET", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}"): Case(_snapshot),
@@ -448,6 +451,8 @@ def compute_agent(stack, world) -> None:
     import asyncio
 
     start_agent(stack, "test:///default")
+    # A second node's agent: the target of the migration cases.
+    start_agent(stack, "test:///default", RUCHER_NODE=PEER)
 
     async def wait() -> None:
         admin = await logged_in(stack, ADMIN, ADMIN_PASSWORD)
