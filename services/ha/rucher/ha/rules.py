@@ -106,17 +106,21 @@ def compile_rules(config: RulesConfig, nodes: Iterable[str]) -> CompiledRules:
             for sid in together:
                 compiled.node_affinity.setdefault(sid, rule)
     for affinity in config.resource_affinity:
-        if affinity.affinity != "negative":
-            continue
-        for sid in affinity.resources:
-            group = {sid} | compiled.positive.get(sid, set())
-            for other in affinity.resources:
-                if other == sid:
-                    continue
-                apart = {other} | compiled.positive.get(other, set())
-                for member in group:
-                    compiled.negative.setdefault(member, set()).update(apart)
+        if affinity.affinity == "negative":
+            _add_negative(compiled, affinity.resources)
     return compiled
+
+
+def _add_negative(compiled: CompiledRules, resources: tuple[str, ...]) -> None:
+    """Keep each resource, and its positive partners, apart from the others and theirs."""
+    for sid in resources:
+        group = {sid} | compiled.positive.get(sid, set())
+        for other in resources:
+            if other == sid:
+                continue
+            apart = {other} | compiled.positive.get(other, set())
+            for member in group:
+                compiled.negative.setdefault(member, set()).update(apart)
 
 
 def get_node_affinity(

@@ -67,7 +67,10 @@ def _node_command(hw: Hardware, verb: str, node_name: str, args: list[str], sour
 
 
 def _service_command(hw: Hardware, sid: str, args: list[str]) -> None:  # noqa: PLR0912
-    parse_sid(sid)
+    try:
+        parse_sid(sid)
+    except ValueError as error:
+        raise ScenarioError(f"cmdlist: {error}") from error
     action = args[0] if args else ""
     config = hw.services.get(sid)
     if action in ("started", "disabled", "stopped", "ignored"):

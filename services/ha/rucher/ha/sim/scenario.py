@@ -64,7 +64,10 @@ def _flag(value: Any) -> bool:
 
 def service_config(sid: str, raw: dict[str, Any]) -> ServiceConfig:
     """One resource's configuration, Proxmox's simulator defaults filled in."""
-    parse_sid(sid)
+    try:
+        parse_sid(sid)
+    except ValueError as error:
+        raise ScenarioError(f"service_config: {error}") from error
     if not raw.get("node"):
         raise ScenarioError(f"service_config: service '{sid}' without assigned node")
     state = raw.get("state") or "disabled"
