@@ -17,6 +17,8 @@ from rucher.ha.model import (
     ClusterSettings,
     LrmResult,
     ManagerState,
+    NodeCapacity,
+    ResourceStats,
     ServiceConfig,
     ServiceData,
 )
@@ -76,10 +78,10 @@ class Manager:
         self.rebalance_hold: dict[str, int] = {}
         self.update_crs_mode()
 
-    def _capacity(self, node: str):  # type: ignore[no-untyped-def]
+    def _capacity(self, node: str) -> NodeCapacity:
         return self.env.node_capacity(node)
 
-    def _stats(self, sid: str):  # type: ignore[no-untyped-def]
+    def _stats(self, sid: str) -> ResourceStats:
         return self.env.resource_stats(sid)
 
     def update_crs_mode(self) -> None:
@@ -190,7 +192,6 @@ class Manager:
         """One manager round."""
         env = self.env
         node_info = env.node_info()
-        changed_nodes = self.ns.check_for_changed_nodelist(node_info)
         results, modes = self.read_lrm_status()
         self.ns.update(node_info, modes)
         if not self.ns.node_is_operational(env.nodename()):
@@ -215,7 +216,6 @@ class Manager:
         config_rules = env.read_rules()
         apply_group_failback(config_rules, services)
         merged = groups_to_rules(config_rules, services)
-        del changed_nodes  # the rules are compiled every round; cheap for the cluster sizes here
         self.rules = compile_rules(merged, self.ns.list_nodes())
         commands = env.read_crm_commands()
         disarm.handle_commands(self, commands, services)

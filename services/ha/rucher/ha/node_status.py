@@ -60,10 +60,6 @@ class NodeStatus:
         self.status[node] = state
         self.env.log("info", f"node '{node}': state changed from '{last}' => '{state}'")
 
-    def check_for_changed_nodelist(self, node_info: dict[str, bool]) -> bool:
-        """Whether the cluster's member list differs from the nodes the manager knows."""
-        return sorted(node_info) != self.list_nodes()
-
     def update(self, node_info: dict[str, bool], lrm_modes: dict[str, str]) -> None:  # noqa: PLR0912
         """Apply the current membership and the nodes' LRM modes to the node states."""
         now = self.env.now()

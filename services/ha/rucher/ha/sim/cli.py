@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rucher.ha.sim.hardware import Hardware
@@ -11,7 +12,7 @@ from rucher.ha.sim.run import run
 from rucher.ha.sim.scenario import ScenarioError, load
 
 
-def simulate(folder: Path, emit=print) -> list[str]:  # type: ignore[no-untyped-def]
+def simulate(folder: Path, emit: Callable[[str], None] = print) -> list[str]:
     """Run the scenario in ``folder``; the log lines."""
     return run(Hardware(load(folder), emit))
 
