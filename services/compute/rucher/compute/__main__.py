@@ -17,6 +17,7 @@ from rucher.compute.domain_xml import HostFacts
 from rucher.compute.drivers.libvirt import LibvirtHypervisor, kvm_usable
 from rucher.compute.handlers import serve
 from rucher.compute.migrate_wiring import serve_migration
+from rucher.compute.pools import BusPools
 from rucher.compute.reconcile import reconcile
 from rucher.compute.service import ComputeService
 from rucher.compute.wiring import serve_console_and_rrd
@@ -132,6 +133,27 @@ class BusVolumes:
         )
         return reply.volume
 
+    async def owned_by(self, vmid: int) -> list[str]:
+        """Disk volumes named for ``vmid`` on every enabled storage of this node."""
+        node = self.bus.node
+        status = await self.bus.request(
+            s.STATUS.to(node=node),
+            s.StorageStatusQuery(content=s.ContentType.IMAGES, enabled_only=True),
+            timeout=self.timeout,
+        )
+        found: list[str] = []
+        for storage in status.storages:
+            if not storage.active:
+                continue
+            query = s.ContentListQuery(
+                storage=storage.storage, content=s.ContentType.IMAGES, vmid=vmid
+            )
+            listing = await self.bus.request(
+                s.CONTENT_LIST.to(node=node), query, timeout=self.timeout
+            )
+            found.extend(volume.volid for volume in listing.volumes if volume.vmid == vmid)
+        return found
+
     async def clone(self, volid: str, vmid: int, options: CloneOptions) -> VolumeInfo:
         """A linked or full copy of ``volid`` owned by ``vmid``."""
         command = s.VolumeClone(
@@ -165,6 +187,7 @@ async def setup(context: ServiceContext) -> None:
         facts=HostFacts(kvm=kvm, console_dir=str(settings.console_dir)),
         shutdown_timeout=settings.shutdown_timeout,
         claim_client=BusClaims(context.bus),
+        pools=BusPools(context.bus),
     )
     drift = await reconcile(service)
     log.info("reconciled", uri=settings.libvirt_uri, kvm=kvm, drift=len(drift))

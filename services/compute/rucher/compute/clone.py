@@ -23,7 +23,7 @@ from rucher.proto.task import TaskAccepted
 if TYPE_CHECKING:
     from rucher.compute.service import ComputeService, TaskLog
 
-Undo = list[Callable[[], Awaitable[None]]]
+Undo = list[Callable[[], Awaitable[object]]]
 # Keys a clone does not inherit: it is no template, has no snapshots, and gets its own identity.
 NOT_CLONED = ("template", "parent", "lock", "vmgenid", "meta")
 MAC = re.compile(r"^(?P<model>[a-z0-9-]+)=[0-9A-Fa-f:]{17}(?P<rest>,.*)?$")
@@ -101,19 +101,7 @@ def clone_config(source: Mapping[str, str], command: compute.VmClone) -> dict[st
 async def clone(service: ComputeService, command: compute.VmClone) -> TaskAccepted:
     """Copy a VM or template into ``newid``: every disk full, or linked to a template's bases."""
     record = await service.owned(command.vmid, skiplock=True)
-    source = record.config
-    if command.snapname is not None:
-        if command.snapname not in record.snapshots:
-            raise admission.invalid("snapname", f"snapshot '{command.snapname}' does not exist")
-        source = guest_config(record.snapshots[command.snapname])
-    linked = _linked(record, command)
-    if command.target not in (None, service.node):
-        raise admission.invalid("target", "cloning to another node needs shared storage")
-    running = await service.power_state(command.vmid) is not PowerState.STOPPED
-    if not linked and running and command.snapname is None:
-        raise admission.invalid("vmid", "cloning a running VM needs a snapshot (snapname)")
-    if command.newid == command.vmid:
-        raise admission.invalid("newid", "the new VMID must differ from the source's")
+    source, linked = await _checked(service, record, command)
     config = clone_config(source, command)
     cloned = {
         key: volid
@@ -152,6 +140,10 @@ async def clone(service: ComputeService, command: compute.VmClone) -> TaskAccept
             created = await service.guests.get(command.newid)
             await service.define(created)
             undo.append(lambda: service.hypervisor.undefine(domain_name(command.newid)))
+            if command.pool is not None and service.pools is not None:
+                await service.pools.join(command.pool, command.newid, command.user)
+                undo.append(functools.partial(service.pools.leave, command.newid, command.user))
+                await task.log(f"added VM {command.newid} to pool '{command.pool}'")
             await service.guests.clear_lock(command.newid, GuestLock.CREATE)
             await service.events.emit(
                 compute.GUEST_CREATED,
@@ -173,6 +165,30 @@ async def clone(service: ComputeService, command: compute.VmClone) -> TaskAccept
     except BaseException:
         await run_undo([lambda: service.guests.remove(command.newid, lock_held=GuestLock.CREATE)])
         raise
+
+
+async def _checked(
+    service: ComputeService, record: GuestRecord, command: compute.VmClone
+) -> tuple[Mapping[str, str], bool]:
+    """The config to clone (the snapshot's, if named) and whether the disks are linked."""
+    source = record.config
+    if command.snapname is not None:
+        if command.snapname not in record.snapshots:
+            raise admission.invalid("snapname", f"snapshot '{command.snapname}' does not exist")
+        source = guest_config(record.snapshots[command.snapname])
+    linked = _linked(record, command)
+    if command.target not in (None, service.node):
+        raise admission.invalid("target", "cloning to another node needs shared storage")
+    running = await service.power_state(command.vmid) is not PowerState.STOPPED
+    if not linked and running and command.snapname is None:
+        raise admission.invalid("vmid", "cloning a running VM needs a snapshot (snapname)")
+    if command.newid == command.vmid:
+        raise admission.invalid("newid", "the new VMID must differ from the source's")
+    if command.pool is not None and (
+        service.pools is None or not await service.pools.exists(command.pool)
+    ):
+        raise admission.invalid("pool", f"pool '{command.pool}' does not exist")
+    return source, linked
 
 
 def _linked(record: GuestRecord, command: compute.VmClone) -> bool:

@@ -60,6 +60,9 @@ class VolumeStore(Protocol):
     async def clone(self, volid: str, vmid: int, options: CloneOptions) -> VolumeInfo:
         """A copy of ``volid`` owned by ``vmid``: linked to a base, or full."""
 
+    async def owned_by(self, vmid: int) -> list[str]:
+        """Every disk volume named for ``vmid`` on the enabled storages this node sees."""
+
 
 @dataclass(frozen=True)
 class CloneOptions:
@@ -186,3 +189,18 @@ def next_unused(config: Mapping[str, str]) -> str:
     while f"unused{index}" in config:
         index += 1
     return f"unused{index}"
+
+
+def every_owned_volume(
+    config: Mapping[str, str],
+    pending: Mapping[str, str],
+    snapshots: Mapping[str, Mapping[str, str]],
+    vmid: int,
+) -> list[str]:
+    """The volumes ``vmid`` owns in its config, its pending changes and its snapshots, once each."""
+    found: list[str] = []
+    for section in [config, pending, *snapshots.values()]:
+        for volid in owned_volumes(section, vmid):
+            if volid not in found:
+                found.append(volid)
+    return found

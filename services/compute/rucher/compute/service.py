@@ -14,10 +14,11 @@ import structlog
 
 from rucher.bus import RucherError
 from rucher.bus.client import new_id
-from rucher.compute import admission, claims, disks, pending
+from rucher.compute import admission, claims, destroy, disks, pending
 from rucher.compute.disks import VolumeStore
 from rucher.compute.domain_xml import HostFacts, domain_name, vmid_of
 from rucher.compute.drivers.interface import DomainInfo, Hypervisor
+from rucher.compute.pools import PoolDirectory
 from rucher.proto import compute
 from rucher.proto.base import Subject
 from rucher.proto.cluster import (
@@ -151,6 +152,7 @@ class ComputeService:
         shutdown_timeout: float = 180.0,
         clock: Callable[[], float] = time.time,
         claim_client: claims.ClaimClient | None = None,
+        pools: PoolDirectory | None = None,
     ) -> None:
         self.hypervisor = hypervisor
         self.guests = guests
@@ -162,6 +164,7 @@ class ComputeService:
         self.shutdown_timeout = shutdown_timeout
         self.clock = clock
         self.claim_client = claim_client
+        self.pools = pools
         self._samples: dict[int, Sample] = {}
 
     # Helpers ----------------------------------------------------------------------------
@@ -371,9 +374,11 @@ class ComputeService:
     async def destroy(self, command: compute.VmDestroy) -> TaskAccepted:
         """Remove a stopped VM's domain, the volumes it owns and its document.
 
-        Like ``qm destroy``, the guest's own disks go whether or not ``purge`` is set (``purge``
-        is about backup jobs, replication and HA, which do not exist here yet); ISOs and other
-        guests' volumes stay.
+        Like ``qm destroy``, the guest's own disks (also those of snapshots and pending changes)
+        go whether or not ``purge`` is set, and it leaves its pools (``purge`` is about backup
+        jobs, replication and HA, which do not exist here yet); ISOs and other guests' volumes
+        stay. ``destroy_unreferenced_disks`` also removes volumes named for it that no config
+        mentions.
         """
         await self._owned(command.vmid, skiplock=command.skiplock)
         if await self._state(command.vmid) is not PowerState.STOPPED:
@@ -383,10 +388,11 @@ class ComputeService:
             await self.hypervisor.undefine(domain_name(command.vmid))
             await task.log(f"undefined libvirt domain {domain_name(command.vmid)}")
             record = await self.guests.get(command.vmid)
-            await self.free_volumes(command.vmid, record.config, task)
+            await destroy.free_everything(self, record, command.destroy_unreferenced_disks, task)
             await self.guests.remove(
                 command.vmid, lock_held=record.lock if command.skiplock else None
             )
+            await destroy.leave_pools(self, command.vmid, command.user, task)
             self._samples.pop(command.vmid, None)
             await claims.release_destroyed(self.claim_client, command.vmid)
             await self.events.emit(

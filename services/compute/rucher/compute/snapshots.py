@@ -33,7 +33,7 @@ log = structlog.get_logger("rucher.compute")
 # Keys of a snapshot section that describe the snapshot, not the guest.
 SNAPSHOT_KEYS = ("snaptime", "description", "vmstate", "parent", "snapstate")
 RESERVED = "current"
-Undo = list[Callable[[], Awaitable[None]]]
+Undo = list[Callable[[], Awaitable[object]]]
 
 
 @dataclass(frozen=True)
