@@ -20,6 +20,8 @@ from rucher.gateway import dialect, openapi
 from rucher.gateway.routes import (
     access,
     cluster,
+    hardware,
+    mapping,
     nodes,
     placement,
     pools,
@@ -47,6 +49,8 @@ ROUTE_TABLES: tuple[RouteTable, ...] = (
     qemu_rrd.ROUTES,
     placement.ROUTES,
     storage.ROUTES,
+    hardware.ROUTES,
+    mapping.ROUTES,
     tasks.ROUTES,
     pools.ROUTES,
     access.ROUTES,

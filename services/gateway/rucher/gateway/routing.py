@@ -204,8 +204,17 @@ def build_route(endpoint: Endpoint, handler: Handler, gateway: Gateway) -> Route
     world = endpoint.permissions.user == "world"
     formats = gateway.schema.formats
     file_param = FILE_PARAMS.get(endpoint.key)
+    # Starlette names path parameters as identifiers: ``{pci-id-or-mapping}`` routes as
+    # ``{pci_id_or_mapping}`` and gets its Proxmox name back before validation.
+    dashed = {
+        n.replace("-", "_"): n for n in re.findall(r"\{([\w-]+)\}", endpoint.path) if "-" in n
+    }
 
     async def serve(request: Request) -> Response:
+        if dashed:
+            request.scope["path_params"] = {
+                dashed.get(name, name): value for name, value in request.path_params.items()
+            }
         try:
             caller = None if world else _authenticate(endpoint, gateway, request)
             values = await dialect.request_values(request, file_param=file_param)
@@ -228,6 +237,8 @@ def build_route(endpoint: Endpoint, handler: Handler, gateway: Gateway) -> Route
         return dialect.ok(data)
 
     path = endpoint.path
+    for underscored, name in dashed.items():
+        path = path.replace(f"{{{name}}}", f"{{{underscored}}}")
     for name in RAW_PATH_PARAMS:
         path = path.replace(f"{{{name}}}", f"{{{name}:path}}")
     return Route(

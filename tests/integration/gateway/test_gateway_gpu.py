@@ -1,0 +1,147 @@
+"""PCI devices and PCI mappings through the real gateway, IAM and GPU broker (on a fake sysfs)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import pytest
+
+from rucher.bus import RucherError
+from rucher.proto import gpu
+from rucher.proto.errors import ErrorCode
+from rucher.proto.gpu import PciMapping, PciMappingEntry
+from rucher.testing.process import ManagedProcess
+
+from ...unit.gpu_hosts import L40S, NVIDIA, synthetic_node
+from ..buses import connected
+from .stack import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    NODE,
+    Api,
+    Stack,
+    logged_in,
+    make_user,
+    service_env,
+    unique,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def gpu_stack(stack: Stack) -> Stack:
+    """The GPU broker beside the module's gateway and IAM, on a synthetic host's sysfs tree."""
+    host = synthetic_node(stack.root / "gpu-host")
+    broker = ManagedProcess(
+        "gpu",
+        [sys.executable, "-m", "rucher.gpu"],
+        stack.root / "gpu.log",
+        service_env(
+            stack.nats_url,
+            stack.root / "gpu",
+            RUCHER_GPU_SYSFS_ROOT=str(host.kernel.root),
+            RUCHER_GPU_NVML="off",
+        ),
+    )
+    stack.processes.append(broker)
+    broker.start()
+
+    async def wait() -> None:
+        admin = await logged_in(stack, ADMIN, ADMIN_PASSWORD)
+        deadline = time.monotonic() + 60
+        try:
+            while (await admin.get(f"/nodes/{NODE}/hardware/pci")).status != 200:
+                assert time.monotonic() < deadline, stack.logs()
+                await asyncio.sleep(0.2)
+        finally:
+            await admin.close()
+
+    asyncio.run(wait())
+    return stack
+
+
+def _mapping(mapping_id: str, path: str, device: str = L40S) -> PciMapping:
+    entry = PciMappingEntry(node=NODE, path=path, vendor_id=NVIDIA, device_id=device)
+    return PciMapping(id=mapping_id, map=(entry,), mdev=True, description="vGPU host")
+
+
+async def _create(stack: Stack, mapping: PciMapping) -> None:
+    async with connected(stack.nats_url) as bus:
+        command = gpu.MappingCreate(command_id=unique("c"), mapping=mapping)
+        await bus.request(gpu.MAPPING_CREATE.address, command, timeout=15)
+
+
+async def test_the_node_lists_its_pci_devices_like_proxmox(gpu_stack, admin):
+    reply = await admin.get(f"/nodes/{NODE}/hardware/pci")
+    assert reply.status == 200, reply
+    by_id = {entry["id"]: entry for entry in reply.data}
+    gpu0 = by_id["0000:41:00.0"]
+    assert gpu0["class"] == "0x030000" and gpu0["vendor"] == "0x10de" and gpu0["device"] == "0x26b9"
+    assert gpu0["iommugroup"] == 20 and "mdev" not in gpu0
+    assert by_id["0000:43:00.0"]["mdev"] == 1
+    assert "0000:40:01.0" not in by_id  # a bridge: class 06 is blacklisted by default
+    every = await admin.get(f"/nodes/{NODE}/hardware/pci", **{"pci-class-blacklist": ""})
+    assert "0000:40:01.0" in {entry["id"] for entry in every.data}
+
+    types = await admin.get(f"/nodes/{NODE}/hardware/pci/0000:43:00.0/mdev")
+    assert types.status == 200, types
+    assert [(t["type"], t["available"]) for t in types.data] == [
+        ("nvidia-1155", 4),
+        ("nvidia-1156", 2),
+    ]
+    short = await admin.get(f"/nodes/{NODE}/hardware/pci/43:00.0/mdev")
+    assert short.data == types.data
+    missing = await admin.get(f"/nodes/{NODE}/hardware/pci/0000:99:00.0/mdev")
+    assert missing.status == 404, missing
+
+
+async def test_a_mapping_is_listed_read_used_and_deleted(gpu_stack, admin):
+    name = unique("vgpu")
+    await _create(gpu_stack, _mapping(name, "0000:43:00.0"))
+    listed = {entry["id"]: entry for entry in (await admin.get("/cluster/mapping/pci")).data}
+    assert listed[name]["map"] == [f"node={NODE},path=0000:43:00.0,id=10de:26b9"]
+    assert listed[name]["mdev"] == 1 and listed[name]["description"] == "vGPU host"
+    one = await admin.get(f"/cluster/mapping/pci/{name}")
+    assert one.status == 200 and one.data["digest"] == listed[name]["digest"]
+    checked = await admin.get("/cluster/mapping/pci", **{"check-node": NODE})
+    assert {e["id"]: e["checks"] for e in checked.data}[name] == []
+    types = await admin.get(f"/nodes/{NODE}/hardware/pci/{name}/mdev")
+    assert types.status == 200 and types.data[0]["type"] == "nvidia-1155"
+
+    assert (await admin.delete(f"/cluster/mapping/pci/{name}")).status == 200
+    assert (await admin.get(f"/cluster/mapping/pci/{name}")).status == 404
+
+
+async def test_a_mapping_naming_a_missing_device_is_refused_and_not_stored(gpu_stack, admin):
+    name = unique("bad")
+    for mapping in (_mapping(name, "0000:99:00.0"), _mapping(name, "0000:43:00.0", "1111")):
+        with pytest.raises(RucherError) as refused:
+            await _create(gpu_stack, mapping)
+        assert refused.value.code is ErrorCode.INVALID
+        assert refused.value.details["field"] == "map"
+    assert (await admin.get(f"/cluster/mapping/pci/{name}")).status == 404
+
+
+async def test_mappings_follow_the_mapping_privileges(gpu_stack, admin, stack):
+    name = unique("priv")
+    await _create(gpu_stack, _mapping(name, "0000:41:00.0"))
+    nobody = await make_user(admin)
+    auditor = await make_user(admin, grants=[(f"/mapping/pci/{name}", ["Mapping.Audit"])])
+    for userid, sees in ((nobody, False), (auditor, True)):
+        api = await logged_in(stack, userid, "user-pass-1")
+        try:
+            listed = [entry["id"] for entry in (await api.get("/cluster/mapping/pci")).data]
+            assert (name in listed) is sees
+            assert (await api.get(f"/cluster/mapping/pci/{name}")).status == (200 if sees else 403)
+            assert (await api.delete(f"/cluster/mapping/pci/{name}")).status == 403
+            assert (await api.get(f"/nodes/{NODE}/hardware/pci")).status == 403
+        finally:
+            await api.close()
+    anonymous = Api(stack)
+    try:
+        assert (await anonymous.get("/cluster/mapping/pci")).status == 401
+    finally:
+        await anonymous.close()
