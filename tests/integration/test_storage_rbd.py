@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from rucher.bus import RucherError
 from rucher.proto import storage as s
 from rucher.proto.errors import ErrorCode
 from rucher.proto.storage import ContentType, DiskFormat, StorageDefinition, StorageType
@@ -178,7 +179,8 @@ async def test_a_volume_read_has_its_usage_from_the_cluster_and_its_path(bus, io
         disk.write(b"\x22" * 4096, 40 * MIB)  # and another
     info = (await call(bus, s.VOLUME_INFO, volid=volume.volid)).volume
     assert info.used == 8 * MIB, info
-    assert info.path == (f"rbd:{ceph_cluster.pool}/vm-305-disk-0:mon_host={ceph_cluster.host}:{ceph_cluster.mon_port}"
+    monitor = f"{ceph_cluster.host}:{ceph_cluster.mon_port}"
+    assert info.path == (f"rbd:{ceph_cluster.pool}/vm-305-disk-0:mon_host={monitor}"
                          ":auth_supported=cephx:id=admin")  # fmt: skip
 
     # A linked clone counts only what it wrote itself, not what it shares with its base.
@@ -361,3 +363,67 @@ def test_a_cluster_following_the_dev_stack_stops_when_the_stack_does(tmp_path):
         owner.kill()
         if root.exists():
             CephCluster.load(root).stop()
+
+
+# One Ceph for a multi-node harness -------------------------------------------------------------
+
+
+async def _storage_answers(bus, node: str, timeout: float = 60.0):
+    """The ``ceph`` storage's status on ``node`` once its storage service reports it active."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            statuses = (await call(bus, s.STATUS, node=node, storage="ceph")).storages
+            if statuses and statuses[0].active:
+                return statuses[0]
+        except RucherError as err:
+            if err.code not in {ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT, ErrorCode.NOT_FOUND}:
+                raise
+        assert time.monotonic() < deadline, f"the storage service of {node} never saw Ceph"
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+async def test_the_harness_ceph_on_its_bridge_is_one_shared_storage_for_every_node(
+    harness_factory,
+):
+    harness = harness_factory(2, ceph=True)
+    n1, n2 = harness.nodes
+    ceph = harness.ceph
+    assert ceph is not None and ceph.host == harness.bridge_address
+    assert harness.bridge_address in ceph.monhost
+    # The monitor answers from inside a node's namespace (the bridge), not only from the host.
+    stat = [*n2.wrap, "ceph", "-c", str(ceph.conf), "--connect-timeout", "10", "mon", "stat"]
+    probe = await asyncio.to_thread(
+        subprocess.run, stat, check=False, capture_output=True, text=True, timeout=30
+    )
+    assert probe.returncode == 0, probe.stderr
+    for node in harness.nodes:
+        node.start_service("storage", [sys.executable, "-m", "rucher.storage"],
+                           {"RUCHER_STORAGE_STATUS_INTERVAL": "1"})  # fmt: skip
+
+    async with connected(harness.urls, node="n1", service="test-client") as bus:
+        for node in harness.nodes:
+            status = await _storage_answers(bus, node.name)
+            assert status.shared and status.storage_type is StorageType.RBD
+
+        # Allocated through n1's storage service...
+        volume = (await call(bus, s.VOLUME_ALLOCATE, node=n1.name, storage="ceph", vmid=400,
+                             size=16 * MIB)).volume  # fmt: skip
+        assert volume.volid == "ceph:vm-400-disk-0"
+        # ...n2 lists it, reads it, maps it for its hypervisor, grows and snapshots it.
+        listed = (await call(bus, s.CONTENT_LIST, node=n2.name, storage="ceph", vmid=400)).volumes
+        assert [v.volid for v in listed] == [volume.volid]
+        mapping = await call(bus, s.VOLUME_MAP, node=n2.name, volid=volume.volid)
+        assert mapping.path == f"{ceph.pool}/vm-400-disk-0"
+        assert f'name="{harness.bridge_address}"' in mapping.libvirt_source
+        await call(bus, s.VOLUME_RESIZE, node=n2.name, volid=volume.volid, size=32 * MIB)
+        await call(bus, s.SNAPSHOT_CREATE, node=n2.name, volid=volume.volid, snapname="shared")
+        # n1 sees what n2 did: one cluster, one image.
+        info = (await call(bus, s.VOLUME_INFO, node=n1.name, volid=volume.volid)).volume
+        assert info.size == 32 * MIB and info.path.startswith(f"rbd:{ceph.pool}/vm-400-disk-0:")
+        await refused(bus, s.SNAPSHOT_CREATE, ErrorCode.EXISTS, "snapname", node=n1.name,
+                      volid=volume.volid, snapname="shared")  # fmt: skip
+        await call(bus, s.SNAPSHOT_DELETE, node=n1.name, volid=volume.volid, snapname="shared")
+        await call(bus, s.VOLUME_FREE, node=n2.name, volid=volume.volid)
+        assert (await call(bus, s.CONTENT_LIST, node=n1.name, storage="ceph")).volumes == ()

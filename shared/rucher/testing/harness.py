@@ -4,8 +4,11 @@ Each node has its own network namespace (``rh<run>-n1``…), joined to the other
 in the root namespace (``rh<run>``) through a veth pair, an address on a /24 picked for this run,
 its own nats-server (the N servers form one JetStream cluster), its own state folder, and its own
 processes started inside its namespace. The bridge has an address too, so tests in the root
-namespace reach every node. Each run is described in ``/tmp/rucher-harness/<run>.json`` so that
-``ops/harness`` can act on it from another process and ``prune`` can clean up after a crash.
+namespace reach every node. With ``ceph=True`` one Ceph cluster, in the root namespace, listens on
+that bridge address: every node's services reach the same cluster, so an ``rbd`` storage is shared
+by all nodes (``RUCHER_CEPH_CONF`` in each node's service environment names it). Each run is
+described in ``/tmp/rucher-harness/<run>.json`` so that ``ops/harness`` can act on it from
+another process and ``prune`` can clean up after a crash.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rucher.testing import netns
 from rucher.testing.libvirt import DEFAULT_BRIDGE, NodeDaemon
 from rucher.testing.nats import NatsServer
 from rucher.testing.process import ManagedProcess, is_same_process_alive, process_start_ticks
+
+if TYPE_CHECKING:
+    from rucher.testing.ceph import CephCluster
 
 NATS_CLIENT_PORT = 4222
 NATS_CLUSTER_PORT = 6222
@@ -64,6 +70,7 @@ class Node:
     readiness: dict[str, tuple[Callable[[], bool], float]] = field(default_factory=dict, repr=False)
     cut_off: bool = False
     libvirt: bool = False
+    ceph_conf: str | None = None
 
     @property
     def wrap(self) -> list[str]:
@@ -104,6 +111,8 @@ class Node:
             "RUCHER_STATE_DIR": str(self.state_dir / "data" / service),
             "RUCHER_LOG_FORMAT": "json",
         }
+        if self.ceph_conf is not None:
+            env["RUCHER_CEPH_CONF"] = self.ceph_conf
         if self.libvirt:
             daemon = self.libvirtd
             env |= {
@@ -229,6 +238,7 @@ class Node:
             "routes": self.nats.routes,
             "cut_off": self.cut_off,
             "libvirt": self.libvirt,
+            "ceph_conf": self.ceph_conf,
             "processes": [process.to_dict() for process in self.processes.values()],
         }
 
@@ -246,6 +256,7 @@ class Node:
         )
         node.cut_off = data["cut_off"]
         node.libvirt = data.get("libvirt", False)
+        node.ceph_conf = data.get("ceph_conf")
         node.processes = {p["name"]: ManagedProcess.from_dict(p) for p in data["processes"]}
         return node
 
@@ -293,12 +304,19 @@ class Harness:
         run_id: str | None = None,
         detached: bool = False,
         libvirt: bool = False,
+        ceph: bool = False,
     ) -> None:
         if not 1 <= size <= 200:
             raise ValueError("a harness has 1 to 200 nodes")
         self.size = size
         self.root = root
         self.libvirt = libvirt
+        self.ceph: CephCluster | None = None
+        if ceph:
+            # Imported here: a test module's ``pytest_plugins`` may load rucher.testing.ceph later.
+            from rucher.testing.ceph import CephCluster
+
+            self.ceph = CephCluster(root / "ceph")
         self.run_id = run_id or self.new_run_id()
         self.owner_pid = 0 if detached else os.getpid()
         self.owner_ticks = None if detached else process_start_ticks(self.owner_pid)
@@ -359,12 +377,21 @@ class Harness:
             if self.libvirt:
                 for node in self.nodes:
                     node.start_libvirtd()
+            if self.ceph is not None:
+                self._start_ceph(self.ceph)
             self.save()
         except BaseException:
             with contextlib.suppress(RuntimeError, OSError):
                 self.stop()
             raise
         return self
+
+    def _start_ceph(self, ceph: CephCluster) -> None:
+        """Start the run's Ceph on the bridge address and tell every node's services of it."""
+        ceph.host = self.bridge_address
+        ceph.start()
+        for node in self.nodes:
+            node.ceph_conf = str(ceph.conf)
 
     def _build_network(self) -> None:
         with netns.subnet_lock():
@@ -470,6 +497,11 @@ class Harness:
                 node.stop(timeout=0.0 if node.cut_off else 2.0)
             except (OSError, RuntimeError) as err:
                 problems.append(f"{node.name}: {err}")
+        if self.ceph is not None:
+            try:
+                self.ceph.stop()
+            except (OSError, RuntimeError) as err:
+                problems.append(f"ceph: {err}")
         for node in self.nodes:
             netns.ip("link", "del", node.host_veth, check=False)
             netns.ip("netns", "del", node.namespace, check=False)
@@ -493,6 +525,7 @@ class Harness:
             "size": self.size,
             "root": str(self.root),
             "libvirt": self.libvirt,
+            "ceph": str(self.ceph.root) if self.ceph is not None else None,
             "owner_pid": self.owner_pid,
             "owner_ticks": self.owner_ticks,
             "subnet": str(self.subnet) if self.subnet else None,
@@ -518,6 +551,10 @@ class Harness:
             detached=True,
             libvirt=data.get("libvirt", False),
         )
+        if data.get("ceph") and (Path(data["ceph"]) / "cluster.json").is_file():
+            from rucher.testing.ceph import CephCluster
+
+            harness.ceph = CephCluster.load(Path(data["ceph"]))
         harness.owner_pid = data["owner_pid"]
         harness.owner_ticks = data["owner_ticks"]
         harness.subnet = ipaddress.IPv4Network(data["subnet"]) if data["subnet"] else None

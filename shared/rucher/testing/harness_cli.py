@@ -37,6 +37,9 @@ def _print(harness: Harness) -> None:
     print(f"  NATS servers: {','.join(harness.urls)}")
     for node in harness.nodes if harness.libvirt else []:
         print(f"  {node.name} libvirt: {node.libvirtd.uri} (peers: {node.libvirtd.peer_uri})")
+    if harness.ceph is not None:
+        state = "up" if harness.ceph.running else "down"
+        print(f"  ceph {state}: mon {harness.ceph.monhost}, conf {harness.ceph.conf}")
     if harness.nodes:
         print(f"  a shell on a node: ip netns exec {harness.nodes[0].namespace} bash")
 
@@ -64,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument(
         "--libvirt", action="store_true", help="give every node a libvirtd of its own"
     )
+    start.add_argument(
+        "--ceph", action="store_true", help="one Ceph on the bridge, shared by every node"
+    )
     commands.add_parser("status", help="describe the runs (or --run ID)")
     for name, text in [
         ("kill", "SIGKILL every process of NODE (a crash)"),
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         run_id = Harness.new_run_id()
         root = args.root / ".test-state" / "harness" / run_id
         harness = Harness(
-            args.size, root, run_id=run_id, detached=True, libvirt=args.libvirt
+            args.size, root, run_id=run_id, detached=True, libvirt=args.libvirt, ceph=args.ceph
         ).start()
         _print(harness)
         print(f"  stop it with: ops/harness --run {run_id} down")

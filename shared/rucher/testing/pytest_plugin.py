@@ -106,7 +106,8 @@ def _harness_unavailable() -> str | None:
 def harness_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HarnessFactory]:
     """Build multi-node harnesses: ``harness_factory(nodes=3, start=True) -> Harness``.
 
-    ``libvirt=True`` gives every node a libvirtd of its own (skipped where libvirtd cannot run).
+    ``libvirt=True`` gives every node a libvirtd of its own (skipped where libvirtd cannot run);
+    ``ceph=True`` one Ceph on the bridge that every node uses (skipped where Ceph is missing).
 
     Skips the test when network namespaces cannot be created here (not root, no iproute2).
     Every harness it built is torn down at the end of the test, whatever happened.
@@ -116,10 +117,18 @@ def harness_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[
         pytest.skip(f"multi-node harness unavailable: {reason}")
     built: list[Harness] = []
 
-    def build(nodes: int = 3, *, start: bool = True, libvirt: bool = False) -> Harness:
+    def build(
+        nodes: int = 3, *, start: bool = True, libvirt: bool = False, ceph: bool = False
+    ) -> Harness:
         if libvirt and (why := libvirt_unavailable()) is not None:
             pytest.skip(f"a libvirtd per node is unavailable: {why}")
-        harness = Harness(nodes, tmp_path / f"harness-{len(built) + 1}", libvirt=libvirt)
+        if ceph:
+            from rucher.testing.ceph import ceph_unavailable  # imported late: see Harness
+
+            if (why := ceph_unavailable()) is not None:
+                pytest.skip(f"Ceph is unavailable: {why}")
+        root = tmp_path / f"harness-{len(built) + 1}"
+        harness = Harness(nodes, root, libvirt=libvirt, ceph=ceph)
         built.append(harness)
         return harness.start() if start else harness
 
