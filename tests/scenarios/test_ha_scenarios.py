@@ -27,8 +27,6 @@ AUTO_REBALANCE = (
 MAINTENANCE = "maintenance requests for offline nodes or across manager changes are not reproduced"
 
 KNOWN_FAILING: dict[str, str] = {
-    "test-crm-exiting-idle1": "a manager leaving idle mode (no services) is not modelled",
-    "test-crm-maintenance-request2": MAINTENANCE,
     "test-crm-maintenance-request4": MAINTENANCE,
     "test-crs-dynamic-auto-rebalance-topsis2": AUTO_REBALANCE,
     "test-crs-dynamic-auto-rebalance-topsis3": AUTO_REBALANCE,

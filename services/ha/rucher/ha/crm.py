@@ -62,7 +62,7 @@ class Crm:
         me = env.nodename()
         if any(d.state == "fence" and d.node == me for d in status.service_status.values()):
             return False
-        return allow_no_service or bool(env.read_service_config())
+        return allow_no_service or bool(env.read_service_config()) or env.has_crm_commands()
 
     def _close_watchdog(self) -> None:
         if self.watchdog is not None:

@@ -124,8 +124,8 @@ class HaEnvironment(Protocol):
         """Whether this node is shutting down, and whether that shutdown is a reboot."""
         ...
 
-    def maintenance_requested(self) -> bool:
-        """Whether an administrator asked for this node's maintenance mode."""
+    def has_crm_commands(self) -> bool:
+        """Whether manager commands are queued (they wake an idle manager)."""
         ...
 
     def node_capacity(self, node: str) -> NodeCapacity:

@@ -132,7 +132,7 @@ class Lrm:
         self.node_status = status.node_status.get(node, "unknown")
         self.disarm_requested = status.disarm is not None and not status.disarm.rearm
         if not self.shutdown_requested:
-            if self.env.maintenance_requested():
+            if status.node_request.get(node, {}).get("maintenance"):
                 self.mode = "maintenance"
             elif self.mode == "maintenance":
                 self.mode = "active"

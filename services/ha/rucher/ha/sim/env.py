@@ -128,9 +128,9 @@ class SimEnv:
         target = self.hw.nodes[self.node].shutdown
         return target is not None, target == "reboot"
 
-    def maintenance_requested(self) -> bool:
-        """Whether an administrator asked for this node's maintenance mode."""
-        return self.hw.nodes[self.node].maintenance
+    def has_crm_commands(self) -> bool:
+        """Whether manager commands are queued."""
+        return bool(self.hw.crm_commands)
 
     def node_capacity(self, node: str) -> NodeCapacity:
         """A node's CPUs and memory."""

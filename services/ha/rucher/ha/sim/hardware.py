@@ -35,7 +35,6 @@ class Node:
     maxcpu: float = 0.0
     maxmem: float = 0.0
     shutdown: str | None = None
-    maintenance: bool = False
     cfs: dict[str, bool] = field(default_factory=dict)
     running: set[str] = field(default_factory=set)
     crm: Crm | None = None

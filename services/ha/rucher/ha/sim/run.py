@@ -50,10 +50,8 @@ def _node_command(hw: Hardware, verb: str, node_name: str, args: list[str], sour
         elif action == "start":
             if node.crm is None:
                 node.crm = Crm(SimEnv(hw, node.name, "crm"))
-        elif action == "enable-node-maintenance":
-            node.maintenance = True
-        elif action == "disable-node-maintenance":
-            node.maintenance = False
+        elif action in ("enable-node-maintenance", "disable-node-maintenance"):
+            hw.crm_commands.append(f"{action} {node_name}")
         elif action == "disarm-ha":
             hw.crm_commands.append(f"disarm-ha {args[1] if len(args) > 1 else 'freeze'}")
         elif action == "arm-ha":
