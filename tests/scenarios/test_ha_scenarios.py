@@ -24,10 +24,8 @@ AUTO_REBALANCE = (
     "automatic rebalancing: Proxmox's candidate set (topsis method, constrained resources, "
     "imbalance after a finished migration) differs"
 )
-MAINTENANCE = "maintenance requests for offline nodes or across manager changes are not reproduced"
 
 KNOWN_FAILING: dict[str, str] = {
-    "test-crm-maintenance-request4": MAINTENANCE,
     "test-crs-dynamic-auto-rebalance-topsis2": AUTO_REBALANCE,
     "test-crs-dynamic-auto-rebalance-topsis3": AUTO_REBALANCE,
     "test-crs-dynamic-auto-rebalance3": AUTO_REBALANCE,

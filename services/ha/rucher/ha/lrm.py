@@ -81,13 +81,21 @@ class Lrm:
         else:
             env.log("err", f"unknown shutdown policy '{policy}', fall back to conditional")
             freeze_all = reboot
+        manual = shutdown and self.mode == "maintenance"
+        if manual:
+            maintenance = True
         if shutdown and not maintenance:
             for sid, data in self.service_status.items():
                 if data.node == node:
                     self._queue(Worker(sid=sid, uid=None, state="request_stop"))
         if shutdown:
             kind = "reboot" if reboot else "shutdown"
-            if maintenance:
+            if manual:
+                env.log(
+                    "info",
+                    f"{kind} LRM, ignore {policy} policy as manual maintenance mode is enabled",
+                )
+            elif maintenance:
                 env.log(
                     "info", f"{kind} LRM, doing maintenance, removing this node from active list"
                 )
