@@ -34,7 +34,6 @@ KNOWN_FAILING: dict[str, str] = {
     "test-crs-static-rebalance-resource-affinity3": (
         "rebalance-on-start with five nodes and affinity groups picks other targets than Proxmox"
     ),
-    "test-disarm-fence2": "disarm-ha while a node is being fenced: recovery target differs",
 }
 
 

@@ -233,13 +233,21 @@ class Manager:
         results: dict[str, LrmResult],
         modes: dict[str, str],
     ) -> None:
-        """Step every service until nothing changes; fence and recover along the way."""
+        """Step every service until nothing changes; fence and recover along the way.
+
+        While a ``disarm-ha`` waits for fencing to finish, only the services being fenced or
+        recovered move on.
+        """
+        pending = self.ms.disarm
+        only_fencing = pending is not None and not pending.rearm
         while True:
             repeat = False
             for sid in sorted(self.ss):
                 if sid not in self.ss:
                     continue
                 data = self.ss[sid]
+                if only_fencing and data.state not in ("fence", "recovery"):
+                    continue
                 config = services.get(sid) or ServiceConfig(
                     sid=sid, node=data.node, state="disabled"
                 )
