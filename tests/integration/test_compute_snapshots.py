@@ -8,6 +8,7 @@ direct kernel boot with qcow2 disks from the storage service.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -32,8 +33,12 @@ GIB = 1 << 30
 
 
 def image_info(path: Path) -> dict[str, object]:
-    out = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(path)],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["qemu-img", "info", "--output=json", "-U", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out)
 
 
@@ -64,37 +69,50 @@ async def test_a_stopped_vm_snapshots_resizes_rolls_back_and_clones_from_its_tem
     await ok(bus, compute.GUEST_CREATE, cmd(compute.VmCreate, vmid, config=config))
     disk0 = local / "images" / str(vmid) / f"vm-{vmid}-disk-0.qcow2"
     try:
-        await ok(bus, compute.SNAPSHOT_CREATE,
-                 cmd(compute.VmSnapshotCreate, vmid, snapname="first", description="clean"))  # fmt: skip
+        await ok(
+            bus,
+            compute.SNAPSHOT_CREATE,
+            cmd(compute.VmSnapshotCreate, vmid, snapname="first", description="clean"),
+        )
         assert snapshot_names(disk0) == ["first"]
         record = await guests.get(vmid)
         assert record.config["parent"] == "first"
         assert record.snapshots["first"]["description"] == "clean"
         assert record.snapshots["first"]["scsi0"] == record.config["scsi0"]
 
-        error = await refused(bus, compute.SNAPSHOT_CREATE,
-                              cmd(compute.VmSnapshotCreate, vmid, snapname="first"))  # fmt: skip
+        error = await refused(
+            bus, compute.SNAPSHOT_CREATE, cmd(compute.VmSnapshotCreate, vmid, snapname="first")
+        )
         assert error.code is ErrorCode.INVALID and error.details["field"] == "snapname"
 
-        await ok(bus, compute.DISK_RESIZE,
-                 cmd(compute.VmDiskResize, vmid, disk="scsi0", size=GIB, relative=True))  # fmt: skip
+        await ok(
+            bus,
+            compute.DISK_RESIZE,
+            cmd(compute.VmDiskResize, vmid, disk="scsi0", size=GIB, relative=True),
+        )
         assert image_info(disk0)["virtual-size"] == 2 * GIB
         assert (await guests.get(vmid)).config["scsi0"].endswith("size=2G")
-        error = await refused(bus, compute.DISK_RESIZE,
-                              cmd(compute.VmDiskResize, vmid, disk="scsi0", size=GIB))  # fmt: skip
+        error = await refused(
+            bus, compute.DISK_RESIZE, cmd(compute.VmDiskResize, vmid, disk="scsi0", size=GIB)
+        )
         assert error.code is ErrorCode.INVALID and error.details["field"] == "size"
 
-        await ok(bus, compute.GUEST_CONFIG_UPDATE,
-                 cmd(compute.VmConfigUpdate, vmid, config={"scsi1": "local:1,format=qcow2"}))  # fmt: skip
+        await ok(
+            bus,
+            compute.GUEST_CONFIG_UPDATE,
+            cmd(compute.VmConfigUpdate, vmid, config={"scsi1": "local:1,format=qcow2"}),
+        )
         record = await guests.get(vmid)
         disk1_volid = f"local:{vmid}/vm-{vmid}-disk-1.qcow2"
         assert record.config["scsi1"] == f"{disk1_volid},size=1G"
-        await ok(bus, compute.SNAPSHOT_CREATE,
-                 cmd(compute.VmSnapshotCreate, vmid, snapname="second"))  # fmt: skip
+        await ok(
+            bus, compute.SNAPSHOT_CREATE, cmd(compute.VmSnapshotCreate, vmid, snapname="second")
+        )
         assert (await guests.get(vmid)).snapshots["second"]["parent"] == "first"
 
-        await ok(bus, compute.SNAPSHOT_ROLLBACK,
-                 cmd(compute.VmSnapshotRollback, vmid, snapname="first"))  # fmt: skip
+        await ok(
+            bus, compute.SNAPSHOT_ROLLBACK, cmd(compute.VmSnapshotRollback, vmid, snapname="first")
+        )
         record = await guests.get(vmid)
         assert "scsi1" not in record.config
         assert record.config["unused0"] == disk1_volid
@@ -113,12 +131,14 @@ async def test_a_stopped_vm_snapshots_resizes_rolls_back_and_clones_from_its_tem
         record = await guests.get(vmid)
         assert record.snapshots == {} and "parent" not in record.config
 
-        await ok(bus, compute.GUEST_CONFIG_UPDATE,
-                 cmd(compute.VmConfigUpdate, vmid, delete=("unused0",)))  # fmt: skip
+        await ok(
+            bus, compute.GUEST_CONFIG_UPDATE, cmd(compute.VmConfigUpdate, vmid, delete=("unused0",))
+        )
         assert not (local / "images" / str(vmid) / f"vm-{vmid}-disk-1.qcow2").exists()
 
-        error = await refused(bus, compute.GUEST_CLONE,
-                              cmd(compute.VmClone, vmid, newid=linked, full=False))  # fmt: skip
+        error = await refused(
+            bus, compute.GUEST_CLONE, cmd(compute.VmClone, vmid, newid=linked, full=False)
+        )
         assert error.code is ErrorCode.INVALID and error.details["field"] == "full"
 
         await ok(bus, compute.GUEST_TEMPLATE, cmd(compute.VmTemplate, vmid))
@@ -128,16 +148,18 @@ async def test_a_stopped_vm_snapshots_resizes_rolls_back_and_clones_from_its_tem
         error = await refused(bus, compute.GUEST_START, cmd(compute.VmStart, vmid))
         assert error.code is ErrorCode.INVALID
 
-        await ok(bus, compute.GUEST_CLONE,
-                 cmd(compute.VmClone, vmid, newid=linked, name="linked"))  # fmt: skip
+        await ok(bus, compute.GUEST_CLONE, cmd(compute.VmClone, vmid, newid=linked, name="linked"))
         clone = await guests.get(linked)
         assert clone.lock is None and clone.config["name"] == "linked"
         assert clone.config["scsi0"].startswith(f"local:{vmid}/base-{vmid}-disk-0.qcow2/{linked}/")
         assert clone.config["net0"] != record.config["net0"]
         assert "template" not in clone.config
 
-        await ok(bus, compute.GUEST_CLONE,
-                 cmd(compute.VmClone, vmid, newid=full, full=True, format="raw"))  # fmt: skip
+        await ok(
+            bus,
+            compute.GUEST_CLONE,
+            cmd(compute.VmClone, vmid, newid=full, full=True, format="raw"),
+        )
         copy = await guests.get(full)
         assert copy.config["scsi0"].startswith(f"local:{full}/vm-{full}-disk-0.raw")
         assert copy.config["name"] == "Copy-of-VM-agent-test"
@@ -146,10 +168,8 @@ async def test_a_stopped_vm_snapshots_resizes_rolls_back_and_clones_from_its_tem
         assert error.code is ErrorCode.INVALID and error.details["field"] == "newid"
     finally:
         for each in (full, linked, vmid):
-            try:
+            with contextlib.suppress(RucherError):
                 await ok(bus, compute.GUEST_DESTROY, cmd(compute.VmDestroy, each, purge=True))
-            except RucherError:
-                pass
             cleanup_domain(libvirtd, each)
 
 
@@ -169,17 +189,20 @@ async def test_a_running_vm_snapshots_with_its_ram_grows_a_disk_and_keeps_pendin
             return console.exists() and guest_image.banner in console.read_text(errors="replace")
 
         await until(booted, timeout=90, every=0.2)
-        await ok(bus, compute.SNAPSHOT_CREATE,
-                 cmd(compute.VmSnapshotCreate, vmid, snapname="live"))  # fmt: skip
-        await ok(bus, compute.SNAPSHOT_CREATE,
-                 cmd(compute.VmSnapshotCreate, vmid, snapname="ram", vmstate=True))  # fmt: skip
+        await ok(bus, compute.SNAPSHOT_CREATE, cmd(compute.VmSnapshotCreate, vmid, snapname="live"))
+        await ok(
+            bus,
+            compute.SNAPSHOT_CREATE,
+            cmd(compute.VmSnapshotCreate, vmid, snapname="ram", vmstate=True),
+        )
         info = image_info(disk0)
         sizes = {snap["name"]: snap["vm-state-size"] for snap in info["snapshots"]}  # type: ignore[attr-defined]
         assert sizes["live"] == 0 and sizes["ram"] > 0
         assert (await guests.get(vmid)).snapshots["ram"]["vmstate"] == "1"
 
-        await ok(bus, compute.DISK_RESIZE,
-                 cmd(compute.VmDiskResize, vmid, disk="scsi0", size=2 * GIB))  # fmt: skip
+        await ok(
+            bus, compute.DISK_RESIZE, cmd(compute.VmDiskResize, vmid, disk="scsi0", size=2 * GIB)
+        )
         assert image_info(disk0)["virtual-size"] == 2 * GIB
         connection = libvirt.open(libvirtd)
         try:
@@ -188,14 +211,18 @@ async def test_a_running_vm_snapshots_with_its_ram_grows_a_disk_and_keeps_pendin
             connection.close()
         assert block[0] == 2 * GIB  # the running QEMU sees the new size
 
-        await ok(bus, compute.GUEST_CONFIG_UPDATE,
-                 cmd(compute.VmConfigUpdate, vmid, config={"memory": "256", "name": "renamed"}))  # fmt: skip
+        await ok(
+            bus,
+            compute.GUEST_CONFIG_UPDATE,
+            cmd(compute.VmConfigUpdate, vmid, config={"memory": "256", "name": "renamed"}),
+        )
         record = await guests.get(vmid)
         assert record.config["name"] == "renamed" and record.config["memory"] == "192"
         assert record.pending == {"memory": "256"}
 
-        await ok(bus, compute.SNAPSHOT_ROLLBACK,
-                 cmd(compute.VmSnapshotRollback, vmid, snapname="ram"))  # fmt: skip
+        await ok(
+            bus, compute.SNAPSHOT_ROLLBACK, cmd(compute.VmSnapshotRollback, vmid, snapname="ram")
+        )
         status = await bus.request(
             compute.GUEST_STATUS.to(node="cn1"), compute.VmStatusQuery(vmid=vmid)
         )
@@ -207,12 +234,8 @@ async def test_a_running_vm_snapshots_with_its_ram_grows_a_disk_and_keeps_pendin
         assert "live" not in snapshot_names(disk0)
         await ok(bus, compute.GUEST_STOP, cmd(compute.VmStop, vmid))
     finally:
-        try:
+        with contextlib.suppress(RucherError):
             await ok(bus, compute.GUEST_STOP, cmd(compute.VmStop, vmid))
-        except RucherError:
-            pass
-        try:
+        with contextlib.suppress(RucherError):
             await ok(bus, compute.GUEST_DESTROY, cmd(compute.VmDestroy, vmid, purge=True))
-        except RucherError:
-            pass
         cleanup_domain(libvirtd, vmid)

@@ -225,7 +225,7 @@ class FakeVolumes:
         self._info(volid)
         if snapname in self.snapshots.setdefault(volid, set()):
             raise RucherError(ErrorCode.EXISTS, f"snapshot '{snapname}' already exists")
-        if snapname == self.refuse_snapshot:
+        if volid == self.refuse_snapshot:
             raise RucherError(ErrorCode.INTERNAL, "qemu-img: snapshot failed")
         self.snapshots[volid].add(snapname)
         self.calls.append(("snapshot", f"{volid}@{snapname}"))
@@ -263,6 +263,9 @@ class FakeVolumes:
             allocated = self._info(linked)
         self.calls.append(("clone", f"{volid}->{allocated.volid}"))
         return allocated
+
+    async def owned_by(self, vmid: int) -> list[str]:
+        return [volid for volid in self.volumes if f"/vm-{vmid}-" in volid]
 
     async def map(self, volid: str) -> VolumeMapping:
         self.calls.append(("map", volid))

@@ -20,6 +20,7 @@ from rucher.proto.base import RpcSubject
 from rucher.proto.errors import ErrorCode
 from rucher.proto.guest import GuestRecord, GuestType
 from rucher.proto.task import TaskAccepted, TaskStatus
+from rucher.pve.params import ParamError
 
 ROUTES = RouteTable()
 
@@ -116,9 +117,19 @@ async def create_vm(call: Call) -> str:
 
 @ROUTES("GET", "/nodes/{node}/qemu/{vmid}/config")
 async def vm_config(call: Call) -> dict[str, Any]:
-    """The guest's config keys as Proxmox stores them, with the digest."""
+    """The guest's config with pending changes applied (unless ``current``), or a snapshot's."""
     record = await _record(call)
+    snapname = call.params["snapshot"]
+    if snapname is not None:
+        section = record.snapshots.get(snapname)
+        if section is None:
+            raise ParamError({"snapshot": f"snapshot '{snapname}' does not exist"})
+        return {**section, "digest": record.digest}
     config: dict[str, Any] = dict(record.config)
+    if not call.params["current"]:
+        config.update(record.pending)
+        for key in record.pending_delete:
+            config.pop(key, None)
     if record.lock is not None:
         config["lock"] = record.lock.value
     config["digest"] = record.digest
