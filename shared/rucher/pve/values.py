@@ -170,6 +170,17 @@ FORMATS: dict[str, FormatCheck] = {
         r"^[A-Za-z][A-Za-z0-9._-]{1,31}$", "value '{value}' does not look like a valid realm"
     ),
     "pve-configid": _matching(r"^[a-zA-Z][a-zA-Z0-9_-]+$", "invalid configuration ID '{value}'"),
+    "string": _matching(r"^[^\x00-\x1f]*$", "invalid string '{value}'"),
+    "pve-ha-resource-or-vm-id": _matching(
+        r"^(?:(?:vm|ct):)?\d+$", "value does not look like a valid ha resource id"
+    ),
+    "pve-ha-resource-id": _matching(
+        r"^\w+:\S+$", "value does not look like a valid ha resource id"
+    ),
+    "pve-ha-node": _matching(
+        r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?::\d+)?$",
+        "value does not look like a valid ha node name '{value}'",
+    ),
     "pve-storage-id": _matching(
         _pattern(StorageId), "storage ID '{value}' contains illegal characters"
     ),

@@ -252,6 +252,34 @@ async def _download(admin: Api, world: World) -> Params:
             "url": "http://127.0.0.1:9/nothing.iso"}  # fmt: skip
 
 
+async def _new_ha_resource(admin: Api, world: World) -> Params:
+    return {"sid": f"vm:{await make_vm(admin)}"}
+
+
+async def _ha_resource(admin: Api, world: World) -> Params:
+    params = await _new_ha_resource(admin, world)
+    assert (await admin.post("/cluster/ha/resources", **params)).status == 200
+    return params
+
+
+async def _new_ha_rule(admin: Api, world: World) -> Params:
+    resource = await _ha_resource(admin, world)
+    return {"rule": unique("r"), "type": "node-affinity", "resources": resource["sid"],
+            "nodes": NODE}  # fmt: skip
+
+
+async def _ha_rule(admin: Api, world: World) -> Params:
+    params = await _new_ha_rule(admin, world)
+    assert (await admin.post("/cluster/ha/rules", **params)).status == 200
+    return {"rule": params["rule"]}
+
+
+async def _ha_group(admin: Api, world: World) -> Params:
+    group = unique("g")
+    assert (await admin.post("/cluster/ha/groups", group=group, nodes=NODE)).status == 200
+    return {"group": group}
+
+
 NODE_AUDIT = [(f"/nodes/{NODE}", ["Sys.Audit"])]
 LOCAL = {"node": NODE, "storage": "local"}
 # Volumes: the handler's check_volume_access, which Datastore.Allocate on the storage passes.
@@ -315,6 +343,31 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/cluster/resources"): Case(_nothing),
     ("GET", "/cluster/nextid"): Case(_nothing),
     ("GET", "/cluster/tasks"): Case(_nothing),
+    ("GET", "/cluster/ha"): Case(_nothing),
+    ("GET", "/cluster/ha/resources"): Case(_nothing),
+    ("POST", "/cluster/ha/resources"): Case(_new_ha_resource),
+    ("GET", "/cluster/ha/resources/{sid}"): Case(_ha_resource),
+    ("PUT", "/cluster/ha/resources/{sid}"): Case(_plus(_ha_resource, comment="matrix")),
+    ("DELETE", "/cluster/ha/resources/{sid}"): Case(_ha_resource),
+    ("POST", "/cluster/ha/resources/{sid}/migrate"): Case(_plus(_ha_resource, node=NODE)),
+    ("POST", "/cluster/ha/resources/{sid}/relocate"): Case(_plus(_ha_resource, node=NODE)),
+    ("GET", "/cluster/ha/rules"): Case(_nothing),
+    ("POST", "/cluster/ha/rules"): Case(_new_ha_rule),
+    ("GET", "/cluster/ha/rules/{rule}"): Case(_ha_rule),
+    ("PUT", "/cluster/ha/rules/{rule}"): Case(
+        _plus(_ha_rule, type="node-affinity", comment="matrix")
+    ),
+    ("DELETE", "/cluster/ha/rules/{rule}"): Case(_ha_rule),
+    ("GET", "/cluster/ha/groups"): Case(_nothing),
+    ("POST", "/cluster/ha/groups"): Case(_named("group", "g", nodes=NODE)),
+    ("GET", "/cluster/ha/groups/{group}"): Case(_ha_group),
+    ("PUT", "/cluster/ha/groups/{group}"): Case(_plus(_ha_group, comment="matrix")),
+    ("DELETE", "/cluster/ha/groups/{group}"): Case(_ha_group),
+    ("GET", "/cluster/ha/status"): Case(_nothing),
+    ("GET", "/cluster/ha/status/current"): Case(_nothing),
+    ("GET", "/cluster/ha/status/manager_status"): Case(_nothing),
+    ("POST", "/cluster/ha/status/disarm-ha"): Case(_fixed(**{"resource-mode": "freeze"})),
+    ("POST", "/cluster/ha/status/arm-ha"): Case(_nothing),
     ("GET", "/pools"): Case(_nothing),
     ("POST", "/pools"): Case(_named("poolid", "p")),
     ("GET", "/pools/{poolid}"): Case(_pool),

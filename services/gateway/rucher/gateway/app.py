@@ -20,6 +20,7 @@ from rucher.gateway import dialect, openapi
 from rucher.gateway.routes import (
     access,
     cluster,
+    ha,
     hardware,
     mapping,
     nodes,
@@ -41,6 +42,7 @@ OPENAPI_PATH = "/api2/openapi.json"
 ROUTE_TABLES: tuple[RouteTable, ...] = (
     version.ROUTES,
     cluster.ROUTES,
+    ha.ROUTES,
     nodes.ROUTES,
     qemu.ROUTES,
     qemu_migrate.ROUTES,
@@ -112,7 +114,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     The schema served is Proxmox's plus Rucher's documented extensions (``POST /cluster/qemu``).
     """
     declared = handlers(ROUTE_TABLES)
-    schema = placement.extend(gateway.schema)
+    schema = ha.extend(placement.extend(gateway.schema))
     expected = set(schema.by_key)
     if set(declared) != expected:
         missing = sorted(expected - set(declared))
