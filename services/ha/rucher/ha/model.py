@@ -123,7 +123,7 @@ class ClusterSettings:
     rebalance_on_start: bool = False
     auto_rebalance: bool = False
     auto_rebalance_method: str = "bruteforce"
-    auto_rebalance_threshold: float = 0.7
+    auto_rebalance_threshold: float = 0.3
     auto_rebalance_margin: float = 0.1
     auto_rebalance_hold: int = 3
 

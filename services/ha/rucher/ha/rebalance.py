@@ -1,10 +1,11 @@
 """Automatic rebalancing (``ha-auto-rebalance``): one migration at a time, the one that helps most.
 
-The nodes' imbalance is the shared placement code's measure (coefficient of variation of the
-nodes' loads over its maximum). When it stays above the threshold for the hold duration (in
-manager rounds) and no service is moving, the manager tries every running service on every other
-node it may use and queues the migration that lowers the imbalance most, if it lowers it by at
-least the margin.
+The nodes' imbalance is the coefficient of variation of their loads, a node's load being the mean
+of its CPU and memory shares (the figures Proxmox's manager logs). When it stays above the
+threshold for the hold duration (in manager rounds, counted while no service moves), the manager
+tries every running service on every other node it may use and queues the migration that lowers
+the imbalance most, if it lowers it by at least the margin. The candidates' usage comes from the
+same CRS usage the placement scores use.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import numpy as np
 from rucher.ha import disarm
 from rucher.ha.model import ServiceConfig
 from rucher.ha.rules import get_node_affinity, get_resource_affinity, is_allowed_on_node
-from rucher.placement.rebalance import imbalance
 
 if TYPE_CHECKING:
     from rucher.ha.manager import Manager
@@ -25,11 +25,14 @@ BUSY_STATES = frozenset({"migrate", "relocate", "request_start_balance", "fence"
 
 
 def _imbalance(cpu: dict[str, float], mem: dict[str, float], manager: Manager) -> float:
+    """Coefficient of variation of the nodes' loads, a load being its mean CPU and memory share."""
     loads = []
     for node in manager.usage.nodes:
         cap = manager.env.node_capacity(node)
-        loads.append(max(cpu[node] / max(cap.maxcpu, 1.0), mem[node] / max(cap.maxmem, 1.0)))
-    return imbalance(np.array(loads, dtype=np.float64))
+        loads.append((cpu[node] / max(cap.maxcpu, 1.0) + mem[node] / max(cap.maxmem, 1.0)) / 2)
+    values = np.array(loads, dtype=np.float64)
+    mean = float(values.mean()) if len(values) else 0.0
+    return float(values.std()) / mean if mean > 0.0 else 0.0
 
 
 def rebalance_round(manager: Manager, services: dict[str, ServiceConfig]) -> None:

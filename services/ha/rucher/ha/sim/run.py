@@ -9,6 +9,8 @@ from rucher.ha.sim.env import SimEnv
 from rucher.ha.sim.hardware import MAX_SIM_TIME, Hardware
 from rucher.ha.sim.scenario import ScenarioError, service_config
 
+MIB = 1024 * 1024
+
 
 def _node_command(hw: Hardware, verb: str, node_name: str, args: list[str], source: str) -> None:  # noqa: PLR0912, PLR0915
     node = hw.nodes.get(node_name)
@@ -107,7 +109,7 @@ def _service_command(hw: Hardware, sid: str, args: list[str]) -> None:  # noqa: 
         entry = table.setdefault(sid, {})
         pairs = args[1:]
         for key, value in zip(pairs[::2], pairs[1::2], strict=False):
-            entry[key] = float(value)
+            entry[key] = float(value) * (MIB if key in ("mem", "maxmem") else 1)
     else:
         raise ScenarioError(f"cmdlist: unknown service action '{action}'")
 

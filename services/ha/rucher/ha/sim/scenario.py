@@ -158,7 +158,7 @@ def settings(raw: dict[str, Any]) -> ClusterSettings:
         rebalance_on_start=_flag(crs.get("ha-rebalance-on-start", 0)),
         auto_rebalance=_flag(crs.get("ha-auto-rebalance", 0)),
         auto_rebalance_method=str(crs.get("ha-auto-rebalance-method", "bruteforce")),
-        auto_rebalance_threshold=float(crs.get("ha-auto-rebalance-threshold", 0.7)),
+        auto_rebalance_threshold=float(crs.get("ha-auto-rebalance-threshold", 0.3)),
         auto_rebalance_margin=float(crs.get("ha-auto-rebalance-margin", 0.1)),
         auto_rebalance_hold=int(crs.get("ha-auto-rebalance-hold-duration", 3)),
     )
