@@ -69,6 +69,28 @@ CASES: dict[str, tuple[DomainSpec, HostFacts]] = {
         ),
         HostFacts(console_dir="/run/rucher/console"),
     ),
+    "cloudinit": (
+        DomainSpec(
+            vmid=104,
+            config={
+                "name": "ci01", "memory": "256", "ide2": "local:cloudinit", "ciuser": "debian",
+                "sshkeys": "ssh-ed25519%20AAAAC3NzaC1lZDI1NTE5AAAAIJ%20me%40laptop",
+                "ipconfig0": "ip=dhcp", "net0": "virtio=BC:24:11:00:01:04,bridge=vmbr0",
+            },
+        ),
+        HostFacts(cloudinit_dir="/var/lib/rucher/cloudinit"),
+    ),
+    "aarch64-kernel": (
+        DomainSpec(
+            vmid=105,
+            config={
+                "arch": "aarch64", "memory": "256", "serial0": "socket", "vga": "serial0",
+                "net0": "virtio=BC:24:11:00:01:05,bridge=vmbr0",
+                "args": "-kernel /g/vmlinuz-arm64 -append 'console=ttyAMA0'",
+            },
+        ),
+        HostFacts(kvm=True, console_dir="/run/rucher/console"),
+    ),
 }  # fmt: skip
 
 
@@ -101,6 +123,20 @@ def test_domain_xml_matches_golden(name):
         ({"serial0": "tcp:1234"}, "serial0"),
         ({"hostpci0": "0000:01:00.0"}, "hostpci0"),
         ({"vga": "matrox"}, "vga"),
+        ({"arch": "riscv64"}, "arch"),
+        ({"arch": "aarch64", "ide2": "none,media=cdrom"}, "ide2"),
+        ({"ide2": "local:cloudinit", "ipconfig0": "ip=10.0.0.5", "net0": "virtio"}, "ipconfig0"),
+        ({"ide2": "local:cloudinit", "ipconfig0": "ip=dhcp,gw=10.0.0.1", "net0": "e1000"},
+         "ipconfig0"),
+        ({"ide2": "local:cloudinit", "ipconfig1": "ip=dhcp", "net0": "virtio"}, "ipconfig1"),
+        ({"ide2": "local:cloudinit", "ipconfig0": "ip6=10.0.0.5/24", "net0": "e1000"},
+         "ipconfig0"),
+        ({"ide2": "local:cloudinit", "sshkeys": "not%20a%20key"}, "sshkeys"),
+        ({"ide2": "local:cloudinit", "ciuser": "Root User"}, "ciuser"),
+        ({"ide2": "local:cloudinit", "nameserver": "dns.example"}, "nameserver"),
+        ({"ide2": "local:cloudinit", "searchdomain": "bad domain!"}, "searchdomain"),
+        ({"ide2": "local:cloudinit", "citype": "configdrive2"}, "citype"),
+        ({"ipconfig0": "ip=300.1.1.1/24", "net0": "virtio"}, "ipconfig0"),
     ],
 )
 def test_bad_values_name_their_field(config, field):
@@ -117,6 +153,24 @@ def test_kvm_only_when_the_host_has_it():
     kvm = domain_xml(spec, HostFacts(kvm=True))
     assert 'type="kvm"' in kvm
     assert 'mode="host-passthrough"' in kvm
+
+
+def test_an_emulated_architecture_is_never_kvm():
+    produced = domain_xml(DomainSpec(vmid=100, config={"arch": "aarch64"}), HostFacts(kvm=True))
+    assert 'type="qemu"' in produced
+    assert '<type arch="aarch64" machine="virt">hvm</type>' in produced
+    assert "<acpi />" not in produced
+    native = domain_xml(DomainSpec(vmid=100, config={"arch": "x86_64"}), HostFacts(kvm=True))
+    assert 'type="kvm"' in native
+
+
+def test_a_cloudinit_drive_points_at_the_seed_image():
+    config = {"scsi1": "local:vm-100-cloudinit,media=cdrom", "ciuser": "ops"}
+    produced = domain_xml(DomainSpec(vmid=100, config=config), HostFacts(cloudinit_dir="/ci"))
+    assert '<source file="/ci/100-cidata.iso" />' in produced
+    assert '<rucher:cloudinit image="/ci/100-cidata.iso">' in produced
+    without_drive = domain_xml(DomainSpec(vmid=100, config={"ciuser": "ops"}), HostFacts())
+    assert "cloudinit" not in without_drive
 
 
 def test_domain_names_round_trip():

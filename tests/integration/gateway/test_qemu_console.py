@@ -1,4 +1,5 @@
-"""A real guest's serial console through termproxy + vncwebsocket, and its rrddata series.
+"""Real guests through the gateway: serial console (termproxy + vncwebsocket), rrddata, a
+cloud-init seed, and an aarch64 guest under emulation.
 
 The gateway, IAM and the compute agent run as processes on a real nats-server; the guest boots
 the test kernel under QEMU (TCG here) with ``serial0: socket``; the test types a command into
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -207,3 +211,125 @@ async def test_rrddata_has_the_running_guests_samples(agent, running):
     bad = await admin.get(f"/nodes/{NODE}/qemu/{vmid}/rrddata", timeframe="decade")
     assert bad.status == 400
     assert "timeframe" in bad.errors
+
+
+def _iso_volume(image: Path) -> str:
+    result = subprocess.run(
+        ["isoinfo", "-d", "-i", str(image)], capture_output=True, text=True, check=True
+    )
+    return result.stdout
+
+
+def _iso_file(image: Path, name: str) -> str:
+    result = subprocess.run(
+        ["isoinfo", "-R", "-i", str(image), "-x", f"/{name}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout
+
+
+async def test_a_cloudinit_drive_gets_a_readable_seed_that_follows_the_config(agent):
+    admin = await logged_in(agent, ADMIN, ADMIN_PASSWORD)
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ci@test"
+    vmid = await make_vm(
+        admin,
+        name="seeded",
+        ide2="local:cloudinit",
+        ciuser="debian",
+        cipassword="correct horse",
+        sshkeys=quote(key, safe=""),
+        ipconfig0="ip=192.0.2.10/24,gw=192.0.2.1",
+        nameserver="192.0.2.53",
+        searchdomain="example.com",
+        net0="virtio,bridge=vmbr0",
+    )
+    image = agent.root / "compute" / "cloudinit" / f"{vmid}-cidata.iso"
+    try:
+        assert "Volume id: cidata" in _iso_volume(image)
+        user = _iso_file(image, "user-data")
+        assert user.startswith("#cloud-config\n")
+        assert 'user: "debian"' in user
+        assert f'  - "{key}"' in user
+        assert "hostname: seeded" in user
+        network = _iso_file(image, "network-config")
+        assert "address: '192.0.2.10'" in network
+        assert "gateway: '192.0.2.1'" in network
+        assert "- 'example.com'" in network
+        assert "instance-id: " in _iso_file(image, "meta-data")
+        config = (await admin.get(f"/nodes/{NODE}/qemu/{vmid}/config")).data
+        assert config["ide2"] == "local:cloudinit"
+        # libvirt has the seed attached as the drive's CD-ROM.
+        libvirt = pytest.importorskip("libvirt")
+        connection = libvirt.open("qemu:///system")
+        try:
+            xml = connection.lookupByName(f"rucher-{vmid}").XMLDesc(0)
+        finally:
+            connection.close()
+        assert f"<source file='{image}'/>" in xml
+        assert "device='cdrom'" in xml
+        # A changed ci option rebuilds the seed.
+        reply = await admin.put(f"/nodes/{NODE}/qemu/{vmid}/config", ciuser="admin")
+        assert reply.status == 200, reply
+        assert 'user: "admin"' in _iso_file(image, "user-data")
+        bad = await admin.put(f"/nodes/{NODE}/qemu/{vmid}/config", ipconfig0="ip=192.0.2.10")
+        assert bad.status == 400, bad
+        assert "ipconfig0" in bad.errors
+        assert 'user: "admin"' in _iso_file(image, "user-data")
+    finally:
+        reply = await admin.delete(f"/nodes/{NODE}/qemu/{vmid}", purge=1)
+        assert reply.status == 200, reply
+        assert (await finished(admin, reply.data))["exitstatus"] == "OK"
+        await admin.close()
+    assert not image.exists()
+
+
+@pytest.fixture(scope="module")
+def arm64_kernel() -> Path:
+    """Debian's arm64 kernel, fetched once by ops/build-arm64-kernel."""
+    root = Path(__file__).resolve().parents[3]
+    result = subprocess.run(
+        [str(root / "ops" / "build-arm64-kernel"), "--print-path"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"ops/build-arm64-kernel failed: {result.stderr[-2000:]}")
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+async def test_an_aarch64_guest_boots_its_kernel_under_emulation(agent, arm64_kernel):
+    if not shutil.which("qemu-system-aarch64"):
+        pytest.fail("qemu-system-aarch64 is missing: run ops/libvirt install")
+    admin = await logged_in(agent, ADMIN, ADMIN_PASSWORD)
+    vmid = await make_vm(
+        admin,
+        start=True,
+        arch="aarch64",
+        memory=256,
+        serial0="socket",
+        vga="serial0",
+        args=f"-kernel {arm64_kernel} -append 'console=ttyAMA0 earlycon'",
+    )
+    console = agent.root / "compute" / "console" / f"{vmid}-serial0.log"
+    try:
+        current = (await admin.get(f"/nodes/{NODE}/qemu/{vmid}/status/current")).data
+        assert current["status"] == "running"
+        deadline = time.monotonic() + 120
+        text = ""
+        while "Booting Linux on physical CPU" not in text:
+            assert time.monotonic() < deadline, f"no arm64 boot banner: {text[-2000:]!r}"
+            await asyncio.sleep(0.5)
+            text = console.read_text(errors="replace") if console.exists() else ""
+        assert "Linux version" in text
+        assert "aarch64" in text or "arm64" in text
+    finally:
+        reply = await admin.post(f"/nodes/{NODE}/qemu/{vmid}/status/stop")
+        if reply.status == 200:
+            await finished(admin, reply.data)
+        reply = await admin.delete(f"/nodes/{NODE}/qemu/{vmid}", purge=1)
+        if reply.status == 200:
+            await finished(admin, reply.data)
+        await admin.close()

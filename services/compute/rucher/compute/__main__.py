@@ -14,7 +14,8 @@ from rucher.compute.claims import BusClaims
 from rucher.compute.config import ComputeSettings
 from rucher.compute.disks import CloneOptions
 from rucher.compute.domain_xml import HostFacts
-from rucher.compute.drivers.libvirt import LibvirtHypervisor, kvm_usable
+from rucher.compute.drivers.libvirt import kvm_usable
+from rucher.compute.drivers.libvirt_cloudinit import CloudInitHypervisor
 from rucher.compute.handlers import serve
 from rucher.compute.migrate_wiring import serve_migration
 from rucher.compute.pools import BusPools
@@ -176,7 +177,12 @@ async def setup(context: ServiceContext) -> None:
     settings = ComputeSettings.from_env(context.settings)
     await asyncio.to_thread(settings.console_dir.mkdir, parents=True, exist_ok=True)
     kvm = await asyncio.to_thread(kvm_usable)
-    hypervisor = LibvirtHypervisor(settings.libvirt_uri, kvm=kvm, qemu_pids=settings.qemu_pid_dir)
+    hypervisor = CloudInitHypervisor(
+        settings.libvirt_uri,
+        kvm=kvm,
+        qemu_pids=settings.qemu_pid_dir,
+        seed_dir=settings.cloudinit_dir,
+    )
     service = ComputeService(
         hypervisor,
         GuestRegistry(context.bus),
@@ -184,7 +190,11 @@ async def setup(context: ServiceContext) -> None:
         BusEvents(context.bus),
         volumes=BusVolumes(context.bus),
         node=context.settings.node,
-        facts=HostFacts(kvm=kvm, console_dir=str(settings.console_dir)),
+        facts=HostFacts(
+            kvm=kvm,
+            console_dir=str(settings.console_dir),
+            cloudinit_dir=str(settings.cloudinit_dir),
+        ),
         shutdown_timeout=settings.shutdown_timeout,
         claim_client=BusClaims(context.bus),
         pools=BusPools(context.bus),

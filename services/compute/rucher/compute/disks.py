@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from rucher.compute.cloudinit import CLOUDINIT_VOLUME
 from rucher.compute.domain_xml import DISK_KEY
 from rucher.proto.storage import DiskFormat, VolumeInfo, VolumeMapping
 
@@ -134,6 +135,8 @@ def volume_ids(config: Mapping[str, str]) -> dict[str, str]:
         path = disk_file(value)
         if _is_empty_drive(value) or path.startswith("/") or NEW_DISK.match(path):
             continue
+        if CLOUDINIT_VOLUME.match(path):
+            continue  # the agent builds the seed image itself (cloudinit.py)
         found[key] = path
     return found
 
@@ -176,6 +179,8 @@ def owned_volumes(config: Mapping[str, str], vmid: int) -> list[str]:
         value = config[key]
         volid = disk_file(value)
         if "media=cdrom" in value.split(",")[1:] or not VOLUME_ID.match(volid):
+            continue
+        if CLOUDINIT_VOLUME.match(volid):
             continue
         if NEW_DISK.match(volid) or owner(volid) != vmid or volid in found:
             continue

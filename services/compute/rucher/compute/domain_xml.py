@@ -13,11 +13,18 @@ import shlex
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from typing import Any
 
+from rucher.compute.cloudinit import (
+    CLOUDINIT_VOLUME,
+    CloudInitError,
+    cloudinit_drive,
+    is_cloudinit_key,
+    seed_files,
+)
 from rucher.pve.propstring import Format, parse
 from rucher.pve.schema import Param
 from rucher.pve.values import InvalidValueError
@@ -47,6 +54,8 @@ SCSI_MODELS = {
 VGA_MODELS = {"std": "vga", "cirrus": "cirrus", "vmware": "vmvga", "qxl": "qxl", "virtio": "virtio"}
 NET_MODELS = {"e1000-82540em": "e1000", "e1000-82544gc": "e1000", "e1000-82545em": "e1000"}
 BOOT_LETTERS = {"c": "hd", "d": "cdrom", "n": "network"}
+# The CPU model of a guest emulated by TCG, by architecture (Proxmox's aarch64 default).
+EMULATED_CPU = {"x86_64": "qemu64", "aarch64": "cortex-a57"}
 
 
 class DomainConfigError(ValueError):
@@ -65,6 +74,7 @@ class HostFacts:
     kvm: bool = False
     arch: str = "x86_64"
     console_dir: str = "/var/log/rucher/console"
+    cloudinit_dir: str = "/var/lib/rucher/cloudinit"
 
 
 @dataclass(frozen=True)
@@ -177,7 +187,7 @@ def _cpu(domain: ET.Element, config: Mapping[str, str], facts: HostFacts, memory
     cputype = config.get("cpu", "").split(",")[0].removeprefix("cputype=") or "default"
     if not facts.kvm:
         cpu = _sub(domain, "cpu", mode="custom", match="exact", check="none")
-        _sub(cpu, "model", "qemu64", fallback="forbid")
+        _sub(cpu, "model", EMULATED_CPU[facts.arch], fallback="forbid")
     elif cputype == "host":
         cpu = _sub(domain, "cpu", mode="host-passthrough", check="none")
     elif cputype in {"kvm64", "qemu64", "kvm32", "qemu32"}:
@@ -215,7 +225,8 @@ def _kernel_args(config: Mapping[str, str]) -> dict[str, str]:
 
 
 def _os(domain: ET.Element, config: Mapping[str, str], facts: HostFacts) -> list[str]:
-    machine = config.get("machine", "pc").split(",")[0].removeprefix("type=").split("+")[0]
+    default = "virt" if facts.arch == "aarch64" else "pc"
+    machine = config.get("machine", default).split(",")[0].removeprefix("type=").split("+")[0]
     if not re.fullmatch(r"(pc|q35|virt)(-[a-z0-9.-]+)?", machine):
         raise DomainConfigError("machine", f"unknown machine type '{machine}'")
     bios = config.get("bios", "seabios")
@@ -241,10 +252,11 @@ def _os(domain: ET.Element, config: Mapping[str, str], facts: HostFacts) -> list
     return []
 
 
-def _features(domain: ET.Element, config: Mapping[str, str]) -> None:
+def _features(domain: ET.Element, config: Mapping[str, str], facts: HostFacts) -> None:
     features = _sub(domain, "features")
-    _sub(features, "acpi")  # without it a guest's poweroff or ACPI shutdown only halts it
-    _sub(features, "apic")
+    if facts.arch == "x86_64":  # aarch64's virt machine: no ACPI without UEFI, a GIC not APIC
+        _sub(features, "acpi")  # without it a guest's poweroff or ACPI shutdown only halts it
+        _sub(features, "apic")
     windows = config.get("ostype", "").startswith("w")
     if windows:
         hyperv = _sub(features, "hyperv", mode="custom")
@@ -267,11 +279,30 @@ def _disk_target(key: str) -> tuple[str, str]:
     return BUS_PREFIX[bus] + letters, bus
 
 
-def _disk(devices: ET.Element, key: str, value: str, mapped: str | None, boot: int | None) -> None:
+def seed_path(vmid: int, facts: HostFacts) -> str:
+    """Where the cloud-init seed image of guest ``vmid`` lives on this host."""
+    return f"{facts.cloudinit_dir}/{vmid}-cidata.iso"
+
+
+def _disk(
+    devices: ET.Element,
+    key: str,
+    value: str,
+    mapped: str | None,
+    boot: int | None,
+    *,
+    seed: str | None = None,
+) -> None:
     options = parse_disk(value, key)
     dev, bus = _disk_target(key)
+    if seed is not None and CLOUDINIT_VOLUME.match(str(options["file"])):
+        options["media"] = "cdrom"  # Proxmox's cloud-init drive is always a CD-ROM
+        disk = _sub(devices, "disk", type="file")
+        _sub(disk, "driver", name="qemu", type="raw")
+        _sub(disk, "source", file=seed)
+    else:
+        disk = _disk_element(devices, key, options, mapped)
     cdrom = options.get("media") == "cdrom"
-    disk = _disk_element(devices, key, options, mapped)
     disk.set("device", "cdrom" if cdrom else "disk")
     driver = disk.find("driver")
     if driver is None:
@@ -368,12 +399,17 @@ def _serial(devices: ET.Element, key: str, value: str, vmid: int, facts: HostFac
         _sub(serial, "source", path=value)
     else:
         raise DomainConfigError(key, f"value '{value}' is neither 'socket' nor a /dev/ path")
-    _sub(serial, "target", type="isa-serial", port=port)
+    if facts.arch == "aarch64":
+        target = _sub(serial, "target", type="system-serial", port=port)
+        _sub(target, "model", name="pl011")
+    else:
+        _sub(serial, "target", type="isa-serial", port=port)
     _sub(serial, "log", file=log, append="off")
 
 
-def _display(devices: ET.Element, config: Mapping[str, str]) -> None:
-    vga = config.get("vga", "std").split(",")[0].removeprefix("type=")
+def _display(devices: ET.Element, config: Mapping[str, str], facts: HostFacts) -> None:
+    default = "virtio" if facts.arch == "aarch64" else "std"  # virt has no VGA card
+    vga = config.get("vga", default).split(",")[0].removeprefix("type=")
     if vga == "none" or vga.startswith("serial"):
         _sub(_sub(devices, "video"), "model", type="none")
         return
@@ -402,7 +438,29 @@ def _check_keys(config: Mapping[str, str]) -> None:
     for key in config:
         if key in handled or key in META_KEYS or DISK_KEY.match(key) or NET_KEY.match(key):
             continue
+        if is_cloudinit_key(key):
+            continue
         raise DomainConfigError(key, "not supported by this compute agent yet")
+
+
+def _cloudinit(metadata: ET.Element, spec: DomainSpec, facts: HostFacts) -> str | None:
+    """The seed's files in the domain's metadata (the driver builds the image from them)."""
+    config = spec.config
+    has_options = any(is_cloudinit_key(key) for key in config)
+    drive = cloudinit_drive(config)
+    if drive is None and not has_options:
+        return None
+    try:
+        files = seed_files(spec.vmid, config)
+    except CloudInitError as err:
+        raise DomainConfigError(err.field, err.message) from err
+    if drive is None:
+        return None  # checked, but Proxmox writes no seed without a cloud-init drive
+    path = seed_path(spec.vmid, facts)
+    element = ET.SubElement(metadata, f"{{{NAMESPACE}}}cloudinit", image=path)
+    for name, text in files.items():
+        ET.SubElement(element, f"{{{NAMESPACE}}}file", name=name).text = text
+    return path
 
 
 def domain_uuid(vmid: int, config: Mapping[str, str]) -> str:
@@ -413,10 +471,25 @@ def domain_uuid(vmid: int, config: Mapping[str, str]) -> str:
     return str(uuid.uuid5(UUID_NAMESPACE, str(vmid)))
 
 
+def _guest_facts(config: Mapping[str, str], facts: HostFacts) -> HostFacts:
+    """The facts with the guest's ``arch``: another architecture than the host's is emulated."""
+    arch = config.get("arch", facts.arch)
+    if arch not in EMULATED_CPU:
+        allowed = ", ".join(sorted(EMULATED_CPU))
+        raise DomainConfigError("arch", f"value '{arch}' is not one of {allowed}")
+    ide = sorted(key for key in config if key.startswith("ide") and DISK_KEY.match(key))
+    if arch == "aarch64" and ide:
+        raise DomainConfigError(ide[0], "aarch64 guests (machine virt) have no IDE bus")
+    if arch == facts.arch:
+        return facts
+    return replace(facts, arch=arch, kvm=False)
+
+
 def domain_xml(spec: DomainSpec, facts: HostFacts) -> str:
     """The libvirt ``<domain>`` document for a guest's Proxmox config."""
     config = spec.config
     _check_keys(config)
+    facts = _guest_facts(config, facts)
     domain = ET.Element("domain", type="kvm" if facts.kvm else "qemu")
     _sub(domain, "name", domain_name(spec.vmid))
     _sub(domain, "uuid", domain_uuid(spec.vmid, config))
@@ -426,24 +499,33 @@ def domain_xml(spec: DomainSpec, facts: HostFacts) -> str:
         _sub(domain, "description", config["description"])
     metadata = _sub(domain, "metadata")
     ET.SubElement(metadata, f"{{{NAMESPACE}}}guest", vmid=str(spec.vmid))
+    seed = _cloudinit(metadata, spec, facts)
     memory = _memory(domain, config)
     _cpu(domain, config, facts, memory)
     order = _os(domain, config, facts)
-    _features(domain, config)
+    _features(domain, config, facts)
     _sub(domain, "on_poweroff", "destroy")
     _sub(domain, "on_reboot", "restart")
     _sub(domain, "on_crash", "destroy")
     devices = _sub(domain, "devices")
     disks = sorted((key for key in config if DISK_KEY.match(key)), key=_device_sort)
+    drive = cloudinit_drive(config)
     _controllers(devices, config, disks)
     for key in disks:
         boot = order.index(key) + 1 if key in order else None
-        _disk(devices, key, config[key], spec.disks.get(key), boot)
+        _disk(
+            devices,
+            key,
+            config[key],
+            spec.disks.get(key),
+            boot,
+            seed=seed if key == drive else None,
+        )
     for key in sorted((key for key in config if NET_KEY.match(key)), key=_device_sort):
         _net(devices, key, config[key], order.index(key) + 1 if key in order else None)
     for key in sorted(key for key in config if key.startswith("serial")):
         _serial(devices, key, config[key], spec.vmid, facts)
-    _display(devices, config)
+    _display(devices, config, facts)
     balloon = _int(config, "balloon", 1)
     _sub(devices, "memballoon", model="virtio" if balloon else "none")
     ET.register_namespace("rucher", NAMESPACE)
