@@ -24,6 +24,8 @@ from rucher.pve.values import InvalidValueError, Scalar, coerce
 MISSING = "property is missing and it is not optional"
 UNKNOWN = "property is not defined in schema and the schema does not allow additional properties"
 DUPLICATE = "duplicate parameter"
+# A request value: one scalar, or every value of an array parameter given several times.
+Value = Scalar | tuple[Scalar, ...]
 BAD_UTF8 = "value is not valid UTF-8"
 
 _INDEXED = re.compile(r"^([a-z][a-z_-]*?)(\d{1,3})$")
@@ -116,6 +118,8 @@ def parse_json(raw: bytes) -> list[tuple[str, Scalar]]:
             errors[key] = BAD_UTF8
         elif isinstance(value, str | int | float | bool):
             pairs.append((key, value))
+        elif isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
+            pairs.extend((key, item) for item in value)  # an array parameter's values
         else:
             errors[key] = f"type check failed - got a JSON {type(value).__name__}"
     if errors:
@@ -131,11 +135,20 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def merge(*sources: Iterable[tuple[str, Scalar]]) -> dict[str, Scalar]:
-    """One mapping from several sources; a field given twice, anywhere, is refused."""
-    merged: dict[str, Scalar] = {}
+def merge(
+    *sources: Iterable[tuple[str, Scalar]], repeatable: frozenset[str] = frozenset()
+) -> dict[str, Value]:
+    """One mapping from several sources; a field given twice, anywhere, is refused.
+
+    Fields in ``repeatable`` (array parameters, ``map=...&map=...``) collect every value.
+    """
+    merged: dict[str, Value] = {}
     for source in sources:
         for key, value in source:
+            if key in repeatable:
+                found = merged.get(key, ())
+                merged[key] = (*(found if isinstance(found, tuple) else (found,)), value)
+                continue
             if key in merged:
                 raise ParamError({key: DUPLICATE})
             merged[key] = value
@@ -179,7 +192,7 @@ def defaults(spec: ParamsSpec) -> dict[str, Any]:
 
 def validate(
     spec: ParamsSpec,
-    raw: Mapping[str, Scalar],
+    raw: Mapping[str, Value],
     *,
     formats: Mapping[str, propstring.Format],
     defaults_: Mapping[str, Any] | None = None,
@@ -194,7 +207,14 @@ def validate(
                 errors[name] = UNKNOWN
             continue
         try:
-            values[name] = check_value(schema, value, formats)
+            if schema.type == "array":
+                item = schema.items or Param()
+                given = value if isinstance(value, tuple) else (value,)
+                values[name] = [check_value(item, one, formats) for one in given]
+            elif isinstance(value, tuple):
+                errors[name] = DUPLICATE
+            else:
+                values[name] = check_value(schema, value, formats)
         except InvalidValueError as err:
             errors[name] = str(err)
     for name, schema in spec.properties.items():

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-import time
 
 import pytest
 
@@ -12,9 +10,8 @@ from rucher.bus import RucherError
 from rucher.proto import gpu
 from rucher.proto.errors import ErrorCode
 from rucher.proto.gpu import PciMapping, PciMappingEntry
-from rucher.testing.process import ManagedProcess
 
-from ...unit.gpu_hosts import L40S, NVIDIA, synthetic_node
+from ...unit.gpu_hosts import L40S, NVIDIA
 from ..buses import connected
 from .stack import (
     ADMIN,
@@ -24,9 +21,9 @@ from .stack import (
     Stack,
     logged_in,
     make_user,
-    service_env,
     unique,
 )
+from .test_gateway_gpu_helpers import start_gpu, wait_gpu
 
 pytestmark = pytest.mark.integration
 
@@ -34,28 +31,12 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def gpu_stack(stack: Stack) -> Stack:
     """The GPU broker beside the module's gateway and IAM, on a synthetic host's sysfs tree."""
-    host = synthetic_node(stack.root / "gpu-host")
-    broker = ManagedProcess(
-        "gpu",
-        [sys.executable, "-m", "rucher.gpu"],
-        stack.root / "gpu.log",
-        service_env(
-            stack.nats_url,
-            stack.root / "gpu",
-            RUCHER_GPU_SYSFS_ROOT=str(host.kernel.root),
-            RUCHER_GPU_NVML="off",
-        ),
-    )
-    stack.processes.append(broker)
-    broker.start()
+    start_gpu(stack)
 
     async def wait() -> None:
         admin = await logged_in(stack, ADMIN, ADMIN_PASSWORD)
-        deadline = time.monotonic() + 60
         try:
-            while (await admin.get(f"/nodes/{NODE}/hardware/pci")).status != 200:
-                assert time.monotonic() < deadline, stack.logs()
-                await asyncio.sleep(0.2)
+            await wait_gpu(admin)
         finally:
             await admin.close()
 
@@ -98,11 +79,18 @@ async def test_the_node_lists_its_pci_devices_like_proxmox(gpu_stack, admin):
     assert missing.status == 404, missing
 
 
-async def test_a_mapping_is_listed_read_used_and_deleted(gpu_stack, admin):
+async def test_a_mapping_is_created_listed_changed_used_and_deleted(gpu_stack, admin):
     name = unique("vgpu")
-    await _create(gpu_stack, _mapping(name, "0000:43:00.0"))
+    reply = await admin.post(
+        "/cluster/mapping/pci",
+        id=name,
+        map=f"node={NODE},path=0000:43:00,id=10DE:26B9,iommugroup=22",
+        mdev=1,
+        description="vGPU host",
+    )
+    assert reply.status == 200, reply
     listed = {entry["id"]: entry for entry in (await admin.get("/cluster/mapping/pci")).data}
-    assert listed[name]["map"] == [f"node={NODE},path=0000:43:00.0,id=10de:26b9"]
+    assert listed[name]["map"] == [f"node={NODE},path=0000:43:00.0,id=10de:26b9,iommugroup=22"]
     assert listed[name]["mdev"] == 1 and listed[name]["description"] == "vGPU host"
     one = await admin.get(f"/cluster/mapping/pci/{name}")
     assert one.status == 200 and one.data["digest"] == listed[name]["digest"]
@@ -111,18 +99,41 @@ async def test_a_mapping_is_listed_read_used_and_deleted(gpu_stack, admin):
     types = await admin.get(f"/nodes/{NODE}/hardware/pci/{name}/mdev")
     assert types.status == 200 and types.data[0]["type"] == "nvidia-1155"
 
+    # Two entries in one JSON array; a stale digest loses.
+    reply = await admin.client.put(
+        f"/cluster/mapping/pci/{name}",
+        json={"map": [f"node={NODE},path=0000:41:00.0,id=10de:26b9"], "delete": "mdev",
+              "digest": one.data["digest"]},
+    )  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    changed = (await admin.get(f"/cluster/mapping/pci/{name}")).data
+    assert changed["map"] == [f"node={NODE},path=0000:41:00.0,id=10de:26b9"]
+    assert "mdev" not in changed
+    stale = await admin.put(
+        f"/cluster/mapping/pci/{name}", description="x", digest=one.data["digest"]
+    )
+    assert stale.status == 409, stale
+
     assert (await admin.delete(f"/cluster/mapping/pci/{name}")).status == 200
     assert (await admin.get(f"/cluster/mapping/pci/{name}")).status == 404
 
 
 async def test_a_mapping_naming_a_missing_device_is_refused_and_not_stored(gpu_stack, admin):
     name = unique("bad")
-    for mapping in (_mapping(name, "0000:99:00.0"), _mapping(name, "0000:43:00.0", "1111")):
-        with pytest.raises(RucherError) as refused:
-            await _create(gpu_stack, mapping)
-        assert refused.value.code is ErrorCode.INVALID
-        assert refused.value.details["field"] == "map"
+    for entry in (
+        f"node={NODE},path=0000:99:00.0,id=10de:26b9",  # no such device on the node
+        f"node={NODE},path=0000:43:00.0,id=10de:1111",  # not the device there
+        f"node={NODE},path=0000:43:00.0",  # no id
+        f"node={NODE},path=0000:43:00.0;0000:41:00.0,id=10de:26b9",  # several paths
+    ):
+        reply = await admin.post("/cluster/mapping/pci", id=name, map=entry)
+        assert reply.status == 400, (entry, reply)
+        assert "map" in reply.errors, (entry, reply)
     assert (await admin.get(f"/cluster/mapping/pci/{name}")).status == 404
+    # The broker refuses it on the bus too, whoever asks.
+    with pytest.raises(RucherError) as refused:
+        await _create(gpu_stack, _mapping(name, "0000:99:00.0"))
+    assert refused.value.code is ErrorCode.INVALID
 
 
 async def test_mappings_follow_the_mapping_privileges(gpu_stack, admin, stack):
@@ -137,6 +148,9 @@ async def test_mappings_follow_the_mapping_privileges(gpu_stack, admin, stack):
             assert (name in listed) is sees
             assert (await api.get(f"/cluster/mapping/pci/{name}")).status == (200 if sees else 403)
             assert (await api.delete(f"/cluster/mapping/pci/{name}")).status == 403
+            refused = await api.post("/cluster/mapping/pci", id=unique("x"),
+                                     map=f"node={NODE},path=0000:41:00.0,id=10de:26b9")  # fmt: skip
+            assert refused.status == 403
             assert (await api.get(f"/nodes/{NODE}/hardware/pci")).status == 403
         finally:
             await api.close()

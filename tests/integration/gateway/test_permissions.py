@@ -31,6 +31,7 @@ from rucher.tasks import TaskStore, UpidMinter
 
 from ..buses import connected
 from .stack import ADMIN, ADMIN_PASSWORD, NODE, Api, grant, logged_in, make_user, unique
+from .test_gateway_gpu_helpers import start_gpu, wait_gpu
 from .test_qemu_helpers import finished, make_vm, next_vmid, start_agent, wait_agent
 from .test_storage_helpers import make_volume, start_storage, wait_storage
 
@@ -280,6 +281,16 @@ async def _ha_group(admin: Api, world: World) -> Params:
     return {"group": group}
 
 
+GPU_MAP = f"node={NODE},path=0000:41:00.0,id=10de:26b9"
+PCI = {"node": NODE, "pci-id-or-mapping": "0000:43:00.0"}
+
+
+async def _mapping(admin: Api, world: World) -> Params:
+    mapping = unique("m")
+    assert (await admin.post("/cluster/mapping/pci", id=mapping, map=GPU_MAP)).status == 200
+    return {"id": mapping}
+
+
 NODE_AUDIT = [(f"/nodes/{NODE}", ["Sys.Audit"])]
 LOCAL = {"node": NODE, "storage": "local"}
 # Volumes: the handler's check_volume_access, which Datastore.Allocate on the storage passes.
@@ -368,6 +379,16 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/cluster/ha/status/manager_status"): Case(_nothing),
     ("POST", "/cluster/ha/status/disarm-ha"): Case(_fixed(**{"resource-mode": "freeze"})),
     ("POST", "/cluster/ha/status/arm-ha"): Case(_nothing),
+    ("GET", "/cluster/mapping"): Case(_nothing),
+    ("GET", "/cluster/mapping/pci"): Case(_nothing),
+    ("POST", "/cluster/mapping/pci"): Case(_named("id", "m", map=GPU_MAP)),
+    ("GET", "/cluster/mapping/pci/{id}"): Case(_mapping),
+    ("PUT", "/cluster/mapping/pci/{id}"): Case(_plus(_mapping, description="matrix")),
+    ("DELETE", "/cluster/mapping/pci/{id}"): Case(_mapping),
+    ("GET", "/nodes/{node}/hardware"): Case(_fixed(node=NODE)),
+    ("GET", "/nodes/{node}/hardware/pci"): Case(_fixed(node=NODE)),
+    ("GET", "/nodes/{node}/hardware/pci/{pci-id-or-mapping}"): Case(_fixed(**PCI)),
+    ("GET", "/nodes/{node}/hardware/pci/{pci-id-or-mapping}/mdev"): Case(_fixed(**PCI)),
     ("GET", "/pools"): Case(_nothing),
     ("POST", "/pools"): Case(_named("poolid", "p")),
     ("GET", "/pools/{poolid}"): Case(_pool),
@@ -425,7 +446,7 @@ def test_every_endpoint_has_a_case():
 def clause_grants(clause: Any, params: Params) -> list[tuple[str, list[str]]]:
     """The least grants that satisfy ``clause`` for a caller other than the target user."""
     test, *args = clause
-    fill = lambda path: re.sub(r"\{(\w+)\}", lambda m: str(params[m[1]]), path)  # noqa: E731
+    fill = lambda path: re.sub(r"\{([\w-]+)\}", lambda m: str(params[m[1]]), path)  # noqa: E731
     if test == "and":
         return [grant for sub in args for grant in clause_grants(sub, params)]
     if test == "or":
@@ -445,7 +466,7 @@ def clause_grants(clause: Any, params: Params) -> list[tuple[str, list[str]]]:
 
 
 async def request(api: Api, endpoint: Endpoint, params: Params):
-    path = re.sub(r"\{(\w+)\}", lambda m: str(params[m[1]]), endpoint.path)
+    path = re.sub(r"\{([\w-]+)\}", lambda m: str(params[m[1]]), endpoint.path)
     rest = {k: v for k, v in params.items() if f"{{{k}}}" not in endpoint.path}
     return await api.call(endpoint.method, path, **rest)
 
@@ -528,6 +549,23 @@ def storage_service(stack, world) -> None:
         admin = await logged_in(stack, ADMIN, ADMIN_PASSWORD)
         try:
             await wait_storage(admin)
+        finally:
+            await admin.close()
+
+    asyncio.run(wait())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gpu_broker(stack, world) -> None:
+    """The GPU broker of the node, on a synthetic host's sysfs tree."""
+    import asyncio
+
+    start_gpu(stack)
+
+    async def wait() -> None:
+        admin = await logged_in(stack, ADMIN, ADMIN_PASSWORD)
+        try:
+            await wait_gpu(admin)
         finally:
             await admin.close()
 

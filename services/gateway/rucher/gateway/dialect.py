@@ -20,7 +20,14 @@ from rucher.bus import RucherError
 from rucher.gateway.config import MAX_BODY
 from rucher.gateway.multipart import CutOffError, FileUpload, MultipartError, read_form
 from rucher.proto.errors import HTTP_STATUS
-from rucher.pve.params import BAD_UTF8, ParamError, merge, parse_json, parse_urlencoded
+from rucher.pve.params import (
+    BAD_UTF8,
+    ParamError,
+    Value,
+    merge,
+    parse_json,
+    parse_urlencoded,
+)
 from rucher.pve.values import Scalar
 
 JSON = "application/json;charset=UTF-8"
@@ -129,13 +136,16 @@ async def _multipart(
     return list(fields), upload
 
 
-async def request_values(request: Request, *, file_param: str | None = None) -> dict[str, Scalar]:
+async def request_values(
+    request: Request, *, file_param: str | None = None, repeatable: frozenset[str] = frozenset()
+) -> dict[str, Value]:
     """Every parameter of the request: path, query string and body (form or JSON).
 
     Raises :class:`ParamError` for a field given twice, invalid UTF-8 or a malformed body, and
     :class:`BodyError` for a body too large or neither form-encoded nor JSON. An endpoint that
     takes a file (``file_param``) also accepts ``multipart/form-data``: the file's name becomes
-    ``file_param`` and its bytes, still unread, wait in ``request.state.upload``.
+    ``file_param`` and its bytes, still unread, wait in ``request.state.upload``. Parameters
+    in ``repeatable`` (arrays) may be given several times.
     """
     path_values: list[tuple[str, Scalar]] = []
     for name, value in request.path_params.items():
@@ -145,14 +155,14 @@ async def request_values(request: Request, *, file_param: str | None = None) -> 
         path_values.append((name, value))
     query = parse_urlencoded(request.scope.get("query_string", b""))
     if request.method in {"GET", "HEAD", "DELETE"}:
-        return merge(path_values, query)
+        return merge(path_values, query, repeatable=repeatable)
     content_type = request.headers.get("content-type", _FORM).split(";")[0].strip().lower()
     if content_type == _MULTIPART:
         fields, request.state.upload = await _multipart(request, file_param)
-        return merge(path_values, query, fields)
+        return merge(path_values, query, fields, repeatable=repeatable)
     raw = await _body(request)
     if not raw.strip():
-        return merge(path_values, query)
+        return merge(path_values, query, repeatable=repeatable)
     body: Sequence[tuple[str, Scalar]]
     if content_type == "application/json":
         body = parse_json(raw)
@@ -162,4 +172,4 @@ async def request_values(request: Request, *, file_param: str | None = None) -> 
         raise BodyError(
             415, f"unsupported content type {content_type!r}: send form-encoded or JSON parameters"
         )
-    return merge(path_values, query, body)
+    return merge(path_values, query, body, repeatable=repeatable)

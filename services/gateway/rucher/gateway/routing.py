@@ -206,6 +206,7 @@ def build_route(endpoint: Endpoint, handler: Handler, gateway: Gateway) -> Route
     file_param = FILE_PARAMS.get(endpoint.key)
     # Starlette names path parameters as identifiers: ``{pci-id-or-mapping}`` routes as
     # ``{pci_id_or_mapping}`` and gets its Proxmox name back before validation.
+    repeatable = frozenset(n for n, p in spec.properties.items() if p.type == "array")
     dashed = {
         n.replace("-", "_"): n for n in re.findall(r"\{([\w-]+)\}", endpoint.path) if "-" in n
     }
@@ -217,7 +218,9 @@ def build_route(endpoint: Endpoint, handler: Handler, gateway: Gateway) -> Route
             }
         try:
             caller = None if world else _authenticate(endpoint, gateway, request)
-            values = await dialect.request_values(request, file_param=file_param)
+            values = await dialect.request_values(
+                request, file_param=file_param, repeatable=repeatable
+            )
             params = validate(spec, values, formats=formats, defaults_=spec_defaults)
             require(
                 endpoint.permissions,
