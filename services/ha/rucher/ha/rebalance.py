@@ -10,6 +10,7 @@ same CRS usage the placement scores use.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +18,7 @@ import numpy as np
 from rucher.ha import disarm
 from rucher.ha.model import ServiceConfig
 from rucher.ha.rules import get_node_affinity, get_resource_affinity, is_allowed_on_node
+from rucher.placement.rebalance import imbalance
 
 if TYPE_CHECKING:
     from rucher.ha.manager import Manager
@@ -30,9 +32,8 @@ def _imbalance(cpu: dict[str, float], mem: dict[str, float], manager: Manager) -
     for node in manager.usage.nodes:
         cap = manager.env.node_capacity(node)
         loads.append((cpu[node] / max(cap.maxcpu, 1.0) + mem[node] / max(cap.maxmem, 1.0)) / 2)
-    values = np.array(loads, dtype=np.float64)
-    mean = float(values.mean()) if len(values) else 0.0
-    return float(values.std()) / mean if mean > 0.0 else 0.0
+    # The shared measure divides the variation by its maximum, sqrt(n - 1); Proxmox logs it whole.
+    return imbalance(np.array(loads, dtype=np.float64)) * math.sqrt(max(len(loads) - 1, 1))
 
 
 def rebalance_round(manager: Manager, services: dict[str, ServiceConfig]) -> None:
