@@ -26,7 +26,6 @@ AUTO_REBALANCE = (
 )
 
 KNOWN_FAILING: dict[str, str] = {
-    "test-crs-dynamic-auto-rebalance-topsis3": AUTO_REBALANCE,
     "test-crs-dynamic-constrained-auto-rebalance3": AUTO_REBALANCE,
     "test-crs-static-rebalance-resource-affinity3": (
         "rebalance-on-start with five nodes and affinity groups picks other targets than Proxmox"

@@ -11,6 +11,7 @@ same CRS usage the placement scores use.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +20,8 @@ from rucher.ha import disarm
 from rucher.ha.model import ServiceConfig
 from rucher.ha.rules import get_node_affinity, get_resource_affinity, is_allowed_on_node
 from rucher.placement.rebalance import imbalance
+from rucher.placement.topsis import topsis
+from rucher.placement.weighers.crs import CRITERIA
 
 if TYPE_CHECKING:
     from rucher.ha.manager import Manager
@@ -36,6 +39,77 @@ def _imbalance(cpu: dict[str, float], mem: dict[str, float], manager: Manager) -
     return imbalance(np.array(loads, dtype=np.float64)) * math.sqrt(max(len(loads) - 1, 1))
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One possible migration and the per-node CPU and memory shares it would leave."""
+
+    sid: str
+    node: str
+    after: float
+    cpu_shares: tuple[float, ...]
+    mem_shares: tuple[float, ...]
+
+
+def _shares(manager: Manager, used: dict[str, float], cpu: bool) -> tuple[float, ...]:
+    result = []
+    for node in manager.usage.nodes:
+        cap = manager.env.node_capacity(node)
+        result.append(used[node] / max(cap.maxcpu if cpu else cap.maxmem, 1.0))
+    return tuple(result)
+
+
+def _candidates(manager: Manager, services: dict[str, ServiceConfig]) -> list[Candidate]:
+    """Every running service on every other node its rules allow, in a stable order."""
+    usage = manager.usage
+    online = set(usage.nodes)
+    found = []
+    for sid in sorted(manager.ss):
+        data = manager.ss[sid]
+        if sid not in services or data.state != "started" or data.node not in online:
+            continue
+        allowed, _ = get_node_affinity(manager.rules, sid, online)
+        together, separate = get_resource_affinity(manager.rules, sid, manager.ss, online)
+        stats = manager.env.resource_stats(sid)
+        demand = (stats.cpu, stats.mem) if usage.mode == "dynamic" else (stats.maxcpu, stats.maxmem)
+        for node in sorted(allowed - {data.node}):
+            if not is_allowed_on_node(together, separate, node):
+                continue
+            cpu, mem = dict(usage.cpu), dict(usage.mem)
+            cpu[data.node] -= demand[0]
+            mem[data.node] -= demand[1]
+            cpu[node] += demand[0]
+            mem[node] += demand[1]
+            found.append(
+                Candidate(
+                    sid=sid,
+                    node=node,
+                    after=_imbalance(cpu, mem, manager),
+                    cpu_shares=_shares(manager, cpu, cpu=True),
+                    mem_shares=_shares(manager, mem, cpu=False),
+                )
+            )
+    return found
+
+
+def _topsis_choice(manager: Manager, candidates: list[Candidate]) -> Candidate:
+    """The candidate whose resulting cluster is best by the CRS criteria (TOPSIS)."""
+    rows = []
+    for candidate in candidates:
+        cpu = np.array(candidate.cpu_shares)
+        mem = np.array(candidate.mem_shares)
+        rows.append(
+            [
+                1.0 + math.sqrt(float((cpu * cpu).mean())),
+                1.0 + float(cpu.max()),
+                1.0 + math.sqrt(float((mem * mem).mean())),
+                1.0 + float(mem.max()),
+            ]
+        )
+    scores = topsis(np.array(rows, dtype=np.float64), CRITERIA)
+    best = max(range(len(candidates)), key=lambda index: (scores[index], -index))
+    return candidates[best]
+
+
 def rebalance_round(manager: Manager, services: dict[str, ServiceConfig]) -> None:
     """Count rounds above the threshold; past the hold duration, queue the best migration."""
     settings = manager.settings
@@ -51,31 +125,16 @@ def rebalance_round(manager: Manager, services: dict[str, ServiceConfig]) -> Non
     manager.rebalance_hold["rounds"] = rounds
     if rounds < settings.auto_rebalance_hold:
         return
-    online = set(usage.nodes)
-    best: tuple[float, str, str] | None = None
-    for sid in sorted(manager.ss):
-        data = manager.ss[sid]
-        config = services.get(sid)
-        if config is None or data.state != "started" or data.node not in online:
-            continue
-        allowed, _ = get_node_affinity(manager.rules, sid, online)
-        stats = manager.env.resource_stats(sid)
-        demand = (stats.cpu, stats.mem) if usage.mode == "dynamic" else (stats.maxcpu, stats.maxmem)
-        for node in sorted(allowed - {data.node}):
-            together, separate = get_resource_affinity(manager.rules, sid, manager.ss, online)
-            if not is_allowed_on_node(together, separate, node):
-                continue
-            cpu, mem = dict(usage.cpu), dict(usage.mem)
-            cpu[data.node] -= demand[0]
-            mem[data.node] -= demand[1]
-            cpu[node] += demand[0]
-            mem[node] += demand[1]
-            after = _imbalance(cpu, mem, manager)
-            if best is None or after < best[0] - 1e-12:
-                best = (after, sid, node)
-    if best is None or before - best[0] < settings.auto_rebalance_margin:
+    candidates = _candidates(manager, services)
+    if not candidates:
         return
-    after, sid, node = best
+    if settings.auto_rebalance_method == "topsis":
+        best = _topsis_choice(manager, candidates)
+    else:
+        best = min(candidates, key=lambda c: c.after)
+    if before - best.after < settings.auto_rebalance_margin:
+        return
+    after, sid, node = best.after, best.sid, best.node
     manager.env.log(
         "info",
         f"auto rebalance - migrate {sid} to {node} "
