@@ -198,7 +198,10 @@ class Node:
         return "nats" in self.processes and self.processes["nats"].alive
 
     def kill(self) -> None:
-        """SIGKILL every process the node owns, and anything else inside its namespace."""
+        """SIGKILL every process the node owns, and anything else inside its namespace.
+
+        Returns once they are gone: a QEMU with a large guest takes a moment to die.
+        """
         for process in self.processes.values():
             process.signal_group(signal.SIGKILL)
         for pid in netns.netns_pids(self.namespace):
@@ -206,6 +209,8 @@ class Node:
                 os.kill(pid, signal.SIGKILL)
         for process in self.processes.values():
             process.wait(5.0)
+        with contextlib.suppress(TimeoutError):
+            _wait_until(lambda: not netns.netns_pids(self.namespace), 5.0, f"{self.name} dead")
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop every process (SIGTERM, newest first, then SIGKILL) and all else in the netns."""
