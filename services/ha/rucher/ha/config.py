@@ -105,7 +105,10 @@ class HaNodeSettings:
                 kill_margin=number("RUCHER_HA_KILL_MARGIN", DEFAULT_KILL_MARGIN, 0.5),
                 tick=number("RUCHER_HA_TICK", DEFAULT_TICK, 0.01),
                 destroy_timeout=number("RUCHER_HA_DESTROY_TIMEOUT", DEFAULT_DESTROY_TIMEOUT, 0.1),
-                libvirt_uri=environ.get("RUCHER_HA_LIBVIRT_URI", "") or "qemu:///system",
+                # The compute agent's libvirt unless told otherwise: the guests it runs.
+                libvirt_uri=environ.get("RUCHER_HA_LIBVIRT_URI")
+                or environ.get("RUCHER_LIBVIRT_URI")
+                or "qemu:///system",
                 watchdog_device=Path(
                     environ.get("RUCHER_HA_WATCHDOG_DEVICE", "") or "/dev/watchdog"
                 ),

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from enum import StrEnum
 from typing import Protocol
 
@@ -30,7 +30,7 @@ log = structlog.get_logger("rucher.ha.watchdog")
 
 RETRY_INTERVAL = 0.25
 Killer = Callable[[frozenset[int]], Awaitable[tuple[list[int], bool]]]
-FencedCallback = Callable[[list[int], int, float], Awaitable[None]]
+FencedCallback = Callable[[list[int], int, float], Coroutine[None, None, None]]
 
 
 def node_lease_name(node: str) -> str:
