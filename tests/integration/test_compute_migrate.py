@@ -236,3 +236,28 @@ async def test_offline_migration_and_refusals(cluster, bus, guest_image):
     start = compute.VmStart(command_id=new_id(), vmid=stopped, user=USER)
     await finished_ok(bus, await ask(bus, "n2", compute.GUEST_START, start))
     assert cluster.domains("n2") == {f"rucher-{stopped}": True}
+
+
+async def test_a_running_guest_copies_its_local_disk_to_the_other_node(cluster, bus, guest_image):
+    vmid = 990_621
+    name = f"rucher-{vmid}"
+    await create(bus, vmid, guest_image, start=True, scsi0="local:0.1,format=qcow2")
+    volid = f"local:{vmid}/vm-{vmid}-disk-0.qcow2"
+    relative = Path("images") / str(vmid) / f"vm-{vmid}-disk-0.qcow2"
+    source = cluster.harness.node("n1").state_dir / "local" / relative
+    target = cluster.harness.node("n2").state_dir / "local" / relative
+    assert source.exists() and not target.exists()
+
+    command = migrate(vmid, "n2", online=True, with_local_disks=True)
+    await finished_ok(bus, await ask(bus, "n1", compute.GUEST_MIGRATE, command))
+
+    record = await GuestRegistry(bus).get(vmid)
+    assert record.node == "n2" and record.config["scsi0"].startswith(volid)
+    assert cluster.domains("n2") == {name: True}
+    assert name not in cluster.domains("n1")
+    assert target.exists() and not source.exists()
+    connection = libvirt.open(cluster.uri("n2"))
+    try:
+        assert str(target) in connection.lookupByName(name).XMLDesc()
+    finally:
+        connection.close()

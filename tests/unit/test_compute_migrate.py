@@ -11,7 +11,7 @@ import pytest
 from rucher.bus import RucherError
 from rucher.compute.domain_xml import HostFacts, domain_name
 from rucher.compute.drivers.fake import FakeHypervisor
-from rucher.compute.migrate import Migrator, local_resources
+from rucher.compute.migrate import Migrator, local_resources, target_storages
 from rucher.compute.service import ComputeService
 from rucher.proto import compute
 from rucher.proto.common import PowerState
@@ -78,6 +78,9 @@ class Peers:
 
     async def finish(self, node: str, command: compute.VmMigrateFinish) -> None:
         await self.migrators[node].finish(command)
+
+    async def abort(self, node: str, command: compute.VmMigrateAbort) -> None:
+        await self.migrators[node].abort(command)
 
 
 @dataclass
@@ -209,12 +212,54 @@ async def test_a_refused_migration_names_its_reason_and_changes_nothing(
     assert not any(task == "qmigrate" for task, _ in pair["n1"].tasks.ended)
 
 
-async def test_copying_local_disks_is_refused_as_unsupported(pair):
+async def test_local_disks_are_copied_only_by_a_live_migration(pair):
     await make_guest(pair, 100, running=False, scsi0="local:1")
     with pytest.raises(RucherError) as caught:
         await pair["n1"].migrator.migrate(migrate(100, with_local_disks=True))
     assert caught.value.code is ErrorCode.UNSUPPORTED
+    assert caught.value.details == {"field": "with-local-disks"}
     assert pair.guests.records[100].lock is None
+
+
+async def test_a_live_migration_copies_local_disks_to_new_volumes_on_the_target(pair):
+    await make_guest(pair, 104, running=True, scsi0="local:1,format=qcow2", scsi1="ceph:1")
+    old = "local:104/vm-104-disk-0.qcow2"
+    assert pair.guests.records[104].config["scsi0"].startswith(old)
+
+    await pair["n1"].migrator.migrate(migrate(104, online=True, with_local_disks=True))
+
+    assert pair["n1"].tasks.ended[-1] == ("qmigrate", "OK")
+    record = pair.guests.records[104]
+    # Both nodes share the fake storage here, so the target's twin got the next free name.
+    new = "local:104/vm-104-disk-1.qcow2"
+    assert record.node == "n2" and record.config["scsi0"] == f"{new},size=1G"
+    assert record.config["scsi1"].startswith("ceph:")
+    assert ("copy_disks", "/srv/local/104/vm-104-disk-0.qcow2") in pair["n1"].hypervisor.calls
+    assert old not in pair.volumes.volumes and new in pair.volumes.volumes
+    assert new.replace(":", "/") in pair["n2"].hypervisor.domains_by_name[domain_name(104)].xml
+
+
+async def test_a_failed_copy_frees_the_targets_new_volumes_and_keeps_the_guest(pair):
+    await make_guest(pair, 105, running=True, scsi0="local:1,format=qcow2")
+    pair["n1"].hypervisor.refuse_migrate = "operation failed: NBD: mirror failed"
+    before = pair.guests.records[105]
+
+    await pair["n1"].migrator.migrate(migrate(105, online=True, with_local_disks=True))
+
+    assert pair["n1"].tasks.ended[-1][0] == "qmigrate"
+    assert "mirror failed" in pair["n1"].tasks.ended[-1][1]
+    assert pair.guests.records[105].config == before.config
+    assert pair.guests.records[105].node == "n1"
+    assert sorted(v for v in pair.volumes.volumes if "105" in v) == [
+        "local:105/vm-105-disk-0.qcow2"
+    ]
+    assert pair["n2"].hypervisor.domains_by_name == {}
+
+
+def test_targetstorage_maps_storages_like_proxmox():
+    assert target_storages(None) == {} and target_storages("1") == {}
+    assert target_storages("fast") == {"": "fast"}
+    assert target_storages("local:fast,ceph:ceph2") == {"local": "fast", "ceph": "ceph2"}
 
 
 async def test_a_target_without_the_guests_bridge_refuses_and_the_guest_stays(pair):

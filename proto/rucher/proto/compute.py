@@ -629,13 +629,27 @@ class VmMigrateCheckReport(
     local_resources: tuple[str, ...] = ()
 
 
+class DiskCopy(msgspec.Struct, frozen=True, kw_only=True):
+    """A local disk a live migration copies: the target allocates its twin on ``storage``."""
+
+    key: DiskKey
+    volid: str
+    size: ByteSize
+    format: str
+    storage: StorageId
+
+
 class VmMigratePrepare(
     GuestCommand, frozen=True, kw_only=True, tag="compute.guest.migrate_prepare"
 ):
-    """Source to target: check that the VM of ``source`` fits here and render its domain here."""
+    """Source to target: check that the VM of ``source`` fits here and render its domain here.
+
+    ``copy_disks`` are local disks the live migration copies; the target allocates each anew.
+    """
 
     source: NodeName
     online: bool = False
+    copy_disks: tuple[DiskCopy, ...] = ()
 
 
 class VmMigrateReady(Reply, frozen=True, kw_only=True, tag="compute.guest.migrate_ready"):
@@ -644,6 +658,7 @@ class VmMigrateReady(Reply, frozen=True, kw_only=True, tag="compute.guest.migrat
     domain_xml: str
     peer_uri: str = ""
     migrate_uri: str = ""
+    volumes: dict[DiskKey, str] = {}
 
 
 class VmMigrateFinish(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.migrate_finish"):
@@ -651,6 +666,12 @@ class VmMigrateFinish(GuestCommand, frozen=True, kw_only=True, tag="compute.gues
 
     source: NodeName
     online: bool = False
+
+
+class VmMigrateAbort(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.migrate_abort"):
+    """Source to target: the migration failed; free the disks prepared for it."""
+
+    source: NodeName
 
 
 GUEST_MIGRATE_CHECK = RpcSubject(
@@ -675,5 +696,13 @@ GUEST_MIGRATE_FINISH = RpcSubject(
     Kind.RPC,
     Scope.NODE,
     "Tell {node}, a migration's target that now owns the VM, to define it and publish its state.",
+    reply=Done,
+)
+GUEST_MIGRATE_ABORT = RpcSubject(
+    "rpc.compute.guest_migrate_abort.{node}",
+    VmMigrateAbort,
+    Kind.RPC,
+    Scope.NODE,
+    "Tell {node}, a failed migration's target, to free the disks it allocated for the VM.",
     reply=Done,
 )

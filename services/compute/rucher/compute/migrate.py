@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 import structlog
@@ -28,7 +28,7 @@ from rucher.proto import compute
 from rucher.proto.common import Done, PowerState
 from rucher.proto.errors import ErrorCode
 from rucher.proto.guest import GuestLock, GuestRecord, GuestType
-from rucher.proto.storage import VolumeProtocol
+from rucher.proto.storage import DiskFormat, VolumeProtocol
 from rucher.proto.task import TaskAccepted
 
 log = structlog.get_logger("rucher.compute.migrate")
@@ -54,6 +54,17 @@ class MigrationGuests(Protocol):
     async def clear_lock(self, vmid: int, lock: GuestLock) -> GuestRecord:
         """Release ``lock``."""
 
+    async def update(
+        self,
+        vmid: int,
+        *,
+        changes: Mapping[str, str] | None = None,
+        delete: Iterable[str] = (),
+        digest: str | None = None,
+        lock_held: GuestLock | None = None,
+    ) -> GuestRecord:
+        """Change config keys."""
+
     async def transfer(
         self, vmid: int, *, from_node: str, to_node: str, token: int = 0
     ) -> GuestRecord:
@@ -71,6 +82,27 @@ class Peers(Protocol):
 
     async def finish(self, node: str, command: compute.VmMigrateFinish) -> None:
         """Tell ``node`` the guest is its own now."""
+
+    async def abort(self, node: str, command: compute.VmMigrateAbort) -> None:
+        """Tell ``node`` the migration failed: it frees what it prepared."""
+
+
+def target_storages(spec: str | None) -> dict[str, str]:
+    """Proxmox's ``targetstorage`` (``storage-pair-list``) as source → target storage.
+
+    ``"1"`` or nothing keeps each storage; a single id takes every disk; ``a:b`` pairs map
+    storages one by one, and a lone id among pairs is the default (key ``""``).
+    """
+    if spec is None or spec.strip() in {"", "1"}:
+        return {}
+    mapping: dict[str, str] = {}
+    for item in re.split(r"[,;\s]+", spec.strip()):
+        source, _, target = item.partition(":")
+        if target:
+            mapping[source] = target
+        elif item:
+            mapping[""] = item
+    return mapping
 
 
 def _size(value: str) -> int:
@@ -107,6 +139,8 @@ class Migrator:
         self.peers = peers
         self.migration_address = migration_address
         self.peer_uri = peer_uri
+        # Volumes allocated here for incoming migrations, freed if the migration fails.
+        self._incoming: dict[int, list[str]] = {}
 
     @property
     def node(self) -> str:
@@ -201,17 +235,12 @@ class Migrator:
                 f"can't migrate local disk '{local[0].volid}': use --with-local-disks "
                 "(or move it to shared storage)",
             )
-        if local:
-            raise RucherError(
-                ErrorCode.UNSUPPORTED,
-                f"copying local disks ('{local[0].volid}') during a migration is not supported yet",
-                details={"field": "with-local-disks"},
-            )
+        copies = await self._copies(command, record.config, local, running) if local else ()
         record = await self.guests.set_lock(command.vmid, GuestLock.MIGRATE)
 
         async def body(task: TaskLog) -> None:
             try:
-                await self._move(command, record, running, task)
+                await self._move(command, record, running, copies, task)
             except BaseException:
                 await self.guests.clear_lock(command.vmid, GuestLock.MIGRATE)
                 raise
@@ -229,8 +258,59 @@ class Migrator:
             raise
         return TaskAccepted(upid=upid)
 
+    async def _copies(
+        self,
+        command: compute.VmMigrate,
+        config: Mapping[str, str],
+        local: tuple[compute.LocalDisk, ...],
+        running: bool,
+    ) -> tuple[compute.DiskCopy, ...]:
+        """What a live migration with ``with-local-disks`` copies, each disk with its target."""
+
+        def unsupported(message: str) -> RucherError:
+            return RucherError(
+                ErrorCode.UNSUPPORTED, message, details={"field": "with-local-disks"}
+            )
+
+        if not running:
+            raise unsupported(
+                "copying local disks is done by a live migration: start the VM and migrate it "
+                "with --online (offline copies are not supported yet)"
+            )
+        for disk in local:
+            if disk.cdrom:
+                raise admission.invalid(
+                    "with-local-disks", f"can't migrate local cdrom drive '{disk.volid}'"
+                )
+            if disk.is_unused or disk.volid.startswith("/"):
+                raise unsupported(f"can't copy '{disk.volid}': only attached volumes are copied")
+        storages = target_storages(command.targetstorage)
+        wanted = {disk.volid for disk in local}
+        copies = []
+        for key in disks.disk_keys(config):
+            volid = disks.disk_file(config[key])
+            if volid not in wanted:
+                continue
+            info = await self.service.volumes.info(volid)
+            storage = volid.partition(":")[0]
+            copies.append(
+                compute.DiskCopy(
+                    key=key,
+                    volid=volid,
+                    size=info.size,
+                    format=info.format,
+                    storage=storages.get(storage, storages.get("", storage)),
+                )
+            )
+        return tuple(copies)
+
     async def _move(
-        self, command: compute.VmMigrate, record: GuestRecord, running: bool, task: TaskLog
+        self,
+        command: compute.VmMigrate,
+        record: GuestRecord,
+        running: bool,
+        copies: tuple[compute.DiskCopy, ...],
+        task: TaskLog,
     ) -> None:
         vmid, target, name = command.vmid, command.target, domain_name(command.vmid)
         kind = "online" if running else "offline"
@@ -238,25 +318,45 @@ class Migrator:
         ready = await self.peers.prepare(
             target,
             compute.VmMigratePrepare(
-                command_id=new_id(), vmid=vmid, user=command.user, source=self.node, online=running
+                command_id=new_id(),
+                vmid=vmid,
+                user=command.user,
+                source=self.node,
+                online=running,
+                copy_disks=copies,
             ),
         )
+        for copy in copies:
+            await task.log(f"{copy.key}: copying '{copy.volid}' to '{ready.volumes[copy.key]}'")
         downtime: float | None = None
         if running:
             await task.log(f"migrating the running VM to {ready.peer_uri} ({ready.migrate_uri})")
             started = time.monotonic()
-            await self.service.hypervisor.migrate(
-                name,
-                MigrationTarget(
-                    peer_uri=ready.peer_uri,
-                    migrate_uri=ready.migrate_uri,
-                    domain_xml=ready.domain_xml,
-                    bandwidth_kib=command.bwlimit or 0,
-                    tunnelled=command.tunnelled,
-                ),
-            )
+            try:
+                await self.service.hypervisor.migrate(
+                    name,
+                    MigrationTarget(
+                        peer_uri=ready.peer_uri,
+                        migrate_uri=ready.migrate_uri,
+                        domain_xml=ready.domain_xml,
+                        bandwidth_kib=command.bwlimit or 0,
+                        tunnelled=command.tunnelled,
+                        copy_sources=await self._sources(copies),
+                    ),
+                )
+            except BaseException:
+                await self._abort(target, command)
+                raise
             downtime = time.monotonic() - started
             await task.log(f"migration finished in {downtime:.1f} s: VM runs on '{target}'")
+        # While this node still owns the guest, its storage service sees the disks detached here.
+        for copy in copies:
+            try:
+                await self.service.volumes.free(copy.volid)
+            except RucherError as err:
+                await task.log(f"could not remove '{copy.volid}', check manually: {err.message}")
+            else:
+                await task.log(f"removed the copied volume '{copy.volid}' here")
         try:
             await self.guests.transfer(
                 vmid, from_node=self.node, to_node=target, token=record.owner_token
@@ -266,6 +366,12 @@ class Migrator:
                 log.exception("migrated_guest_not_transferred", vmid=vmid, target=target)
                 await task.log(f"VM runs on '{target}' but its ownership could not move")
             raise RucherError(err.code, f"ownership did not move: {err.message}") from err
+        if copies:
+            changes = {
+                copy.key: record.config[copy.key].replace(copy.volid, ready.volumes[copy.key], 1)
+                for copy in copies
+            }
+            await self.guests.update(vmid, changes=changes, lock_held=GuestLock.MIGRATE)
         await self.guests.clear_lock(vmid, GuestLock.MIGRATE)
         await task.log(f"VM {vmid} belongs to node '{target}' now")
         await self.service.hypervisor.undefine(name)
@@ -297,7 +403,23 @@ class Migrator:
         )
         await self.service.events.emit(compute.GUEST_MIGRATED, migrated)
 
-    # Target: prepare and finish -----------------------------------------------------------
+    async def _sources(self, copies: tuple[compute.DiskCopy, ...]) -> tuple[str, ...]:
+        """Where this node's hypervisor finds each copied volume (the disk's source path)."""
+        return tuple([(await self.service.volumes.map(copy.volid)).path for copy in copies])
+
+    async def _abort(self, target: str, command: compute.VmMigrate) -> None:
+        """Ask the target to free what it prepared; a failure here is only logged."""
+        try:
+            await self.peers.abort(
+                target,
+                compute.VmMigrateAbort(
+                    command_id=new_id(), vmid=command.vmid, user=command.user, source=self.node
+                ),
+            )
+        except RucherError as err:
+            log.warning("migrate_abort_failed", vmid=command.vmid, target=target, error=err.message)
+
+    # Target: prepare, abort and finish ----------------------------------------------------
 
     async def prepare(self, command: compute.VmMigratePrepare) -> compute.VmMigrateReady:
         """Check the incoming guest fits here, map its disks here, render its domain here."""
@@ -313,26 +435,67 @@ class Migrator:
                 ErrorCode.CONFLICT,
                 f"a domain {domain_name(command.vmid)} already exists on node {self.node}",
             )
-        hypervisor = self.service.hypervisor
-        admission.check_node(record.config, await hypervisor.node(), await hypervisor.bridges())
-        volumes = await self.service.map_volumes(record.config)
-        xml = admission.render(command.vmid, record.config, self.service.facts, volumes)
-        if not command.online:
-            return compute.VmMigrateReady(domain_xml=xml)
-        if not self.migration_address or not self.peer_uri:
+        if command.online and (not self.migration_address or not self.peer_uri):
             raise RucherError(
                 ErrorCode.UNSUPPORTED,
                 f"node {self.node} takes no live migration: its agent has no migration address",
             )
+        hypervisor = self.service.hypervisor
+        admission.check_node(record.config, await hypervisor.node(), await hypervisor.bridges())
+        config = dict(record.config)
+        allocated: list[str] = []
+        try:
+            for copy in command.copy_disks:
+                volid = await self._allocate_twin(command.vmid, copy, allocated)
+                config[copy.key] = config[copy.key].replace(copy.volid, volid, 1)
+            volumes = await self.service.map_volumes(config)
+            xml = admission.render(command.vmid, config, self.service.facts, volumes)
+        except BaseException:
+            await self._free(allocated)
+            raise
+        self._incoming[command.vmid] = allocated
+        copied = {copy.key: disks.disk_file(config[copy.key]) for copy in command.copy_disks}
+        if not command.online:
+            return compute.VmMigrateReady(domain_xml=xml, volumes=copied)
         return compute.VmMigrateReady(
             domain_xml=xml,
-            peer_uri=self.peer_uri,
+            peer_uri=self.peer_uri or "",
             migrate_uri=f"tcp://{self.migration_address}",
+            volumes=copied,
         )
+
+    async def _allocate_twin(self, vmid: int, copy: compute.DiskCopy, allocated: list[str]) -> str:
+        """A new volume for ``copy`` on its target storage, exactly as large (QEMU mirrors it)."""
+        fmt = DiskFormat(copy.format) if copy.format in set(DiskFormat) else None
+        volume = await self.service.volumes.allocate(copy.storage, vmid, copy.size, fmt)
+        allocated.append(volume.volid)
+        if volume.size != copy.size:
+            raise RucherError(
+                ErrorCode.UNSUPPORTED,
+                f"{copy.key}: storage '{copy.storage}' makes {volume.size} bytes of "
+                f"the {copy.size} bytes of '{copy.volid}'",
+            )
+        return volume.volid
+
+    async def _free(self, volids: list[str]) -> None:
+        for volid in volids:
+            try:
+                await self.service.volumes.free(volid)
+            except RucherError as err:
+                log.warning("migrate_volume_not_freed", volid=volid, error=err.message)
+
+    async def abort(self, command: compute.VmMigrateAbort) -> Done:
+        """The migration failed: free the disks prepared for it, unless the guest is ours."""
+        allocated = self._incoming.pop(command.vmid, [])
+        record = await self.guests.get(command.vmid)
+        if record.node != self.node:
+            await self._free(allocated)
+        return Done()
 
     async def finish(self, command: compute.VmMigrateFinish) -> Done:
         """The guest is this node's now: define a moved stopped guest, publish its state."""
         record = await self._owned(command.vmid)
+        self._incoming.pop(command.vmid, None)
         info = await self.service.hypervisor.info(domain_name(command.vmid))
         if info is None:
             await self.service.define(record)

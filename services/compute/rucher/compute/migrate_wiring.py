@@ -42,6 +42,12 @@ class BusPeers:
             compute.GUEST_MIGRATE_FINISH.to(node=node), command, timeout=self.timeout
         )
 
+    async def abort(self, node: str, command: compute.VmMigrateAbort) -> None:
+        """Tell ``node`` the migration failed: it frees what it prepared."""
+        await self.bus.request(
+            compute.GUEST_MIGRATE_ABORT.to(node=node), command, timeout=self.timeout
+        )
+
 
 def _handler(
     operation: Callable[[Any], Awaitable[Any]],
@@ -69,13 +75,14 @@ def migrator(
 async def serve_migration(
     context: ServiceContext, settings: ComputeSettings, service: ComputeService
 ) -> None:
-    """Answer this node's migrate, precondition, prepare and finish subjects."""
+    """Answer this node's migrate, precondition, prepare, abort and finish subjects."""
     migrations = migrator(context, settings, service)
     routes: list[tuple[Any, Callable[[Any], Awaitable[Any]]]] = [
         (compute.GUEST_MIGRATE, migrations.migrate),
         (compute.GUEST_MIGRATE_CHECK, migrations.check),
         (compute.GUEST_MIGRATE_PREPARE, migrations.prepare),
         (compute.GUEST_MIGRATE_FINISH, migrations.finish),
+        (compute.GUEST_MIGRATE_ABORT, migrations.abort),
     ]
     for subject, operation in routes:
         await context.bus.serve(subject, _handler(operation), node=service.node)

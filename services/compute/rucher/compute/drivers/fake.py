@@ -186,5 +186,7 @@ class FakeHypervisor:
             reason = self.refuse_migrate or f"cannot reach {target.peer_uri}"
             raise RucherError(ErrorCode.INTERNAL, f"libvirt: {reason}")
         self.calls.append(("migrate", f"{name}:{target.peer_uri}"))
+        if target.copy_sources:
+            self.calls.append(("copy_disks", ",".join(target.copy_sources)))
         peer.domains_by_name[name] = FakeDomain(xml=target.domain_xml, state=domain.state)
         domain.state = PowerState.STOPPED

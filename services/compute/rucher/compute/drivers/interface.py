@@ -31,6 +31,8 @@ class MigrationTarget:
     domain_xml: str
     bandwidth_kib: int = 0
     tunnelled: bool = False
+    # Local disks (their source paths here) copied to the target's twins during the migration.
+    copy_sources: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -345,9 +345,26 @@ class LibvirtHypervisor:
                 params[libvirt.VIR_MIGRATE_PARAM_URI] = target.migrate_uri
             if target.bandwidth_kib:
                 params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = -(-target.bandwidth_kib // 1024)
+            if target.copy_sources:
+                # QEMU mirrors these disks into the target's (pre-allocated) twins over NBD.
+                flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
+                params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = _copied_devices(
+                    domain.XMLDesc(0), target.copy_sources
+                )
             domain.migrateToURI3(target.peer_uri, params, flags)
 
         await self._call(work)
+
+
+def _copied_devices(xml: str, sources: tuple[str, ...]) -> list[str]:
+    """The target devices (``sda``) of the domain's disks whose sources are ``sources``."""
+    devices = []
+    for source in sources:
+        device = _disk_target(xml, source)
+        if device is None:
+            raise RucherError(ErrorCode.INVALID, f"no disk of the domain uses '{source}'")
+        devices.append(device)
+    return devices
 
 
 def _secret_xml(usage: str) -> str:
