@@ -20,13 +20,8 @@ FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "pve-ha
 SCENARIOS = sorted(path.name for path in FIXTURES.iterdir() if path.is_dir())
 REQUIRED_RATIO = 0.90
 
-AUTO_REBALANCE = (
-    "automatic rebalancing: Proxmox's candidate set (topsis method, constrained resources, "
-    "imbalance after a finished migration) differs"
-)
 
 KNOWN_FAILING: dict[str, str] = {
-    "test-crs-dynamic-constrained-auto-rebalance3": AUTO_REBALANCE,
     "test-crs-static-rebalance-resource-affinity3": (
         "rebalance-on-start with five nodes and affinity groups picks other targets than Proxmox"
     ),

@@ -18,7 +18,7 @@ import numpy as np
 
 from rucher.ha import disarm
 from rucher.ha.model import ServiceConfig
-from rucher.ha.rules import get_node_affinity, get_resource_affinity, is_allowed_on_node
+from rucher.ha.rules import get_node_affinity, get_resource_affinity
 from rucher.placement.rebalance import imbalance
 from rucher.placement.topsis import topsis
 from rucher.placement.weighers.crs import CRITERIA
@@ -63,17 +63,30 @@ def _candidates(manager: Manager, services: dict[str, ServiceConfig]) -> list[Ca
     usage = manager.usage
     online = set(usage.nodes)
     found = []
+    moved: set[str] = set()
     for sid in sorted(manager.ss):
         data = manager.ss[sid]
-        if sid not in services or data.state != "started" or data.node not in online:
+        if sid in moved or sid not in services or data.state != "started":
             continue
-        allowed, _ = get_node_affinity(manager.rules, sid, online)
-        together, separate = get_resource_affinity(manager.rules, sid, manager.ss, online)
-        stats = manager.env.resource_stats(sid)
-        demand = (stats.cpu, stats.mem) if usage.mode == "dynamic" else (stats.maxcpu, stats.maxmem)
-        for node in sorted(allowed - {data.node}):
-            if not is_allowed_on_node(together, separate, node):
-                continue
+        if data.node not in online:
+            continue
+        group = sorted({sid} | manager.rules.positive.get(sid, set()))
+        moved.update(group)
+        members = [manager.ss.get(member) for member in group]
+        if any(m is None or m.state != "started" or m.node != data.node for m in members):
+            continue
+        allowed = set(online)
+        separate: set[str] = set()
+        for member in group:
+            allowed &= get_node_affinity(manager.rules, member, online)[0]
+            separate |= get_resource_affinity(manager.rules, member, manager.ss, online)[1]
+        demand = [0.0, 0.0]
+        for member in group:
+            stats = manager.env.resource_stats(member)
+            dynamic = usage.mode == "dynamic"
+            demand[0] += stats.cpu if dynamic else stats.maxcpu
+            demand[1] += stats.mem if dynamic else stats.maxmem
+        for node in sorted(allowed - {data.node} - separate):
             cpu, mem = dict(usage.cpu), dict(usage.mem)
             cpu[data.node] -= demand[0]
             mem[data.node] -= demand[1]
@@ -131,7 +144,7 @@ def rebalance_round(manager: Manager, services: dict[str, ServiceConfig]) -> Non
     if settings.auto_rebalance_method == "topsis":
         best = _topsis_choice(manager, candidates)
     else:
-        best = min(candidates, key=lambda c: c.after)
+        best = min(candidates, key=lambda c: round(c.after, 9))  # ties: the first in order
     if before - best.after < settings.auto_rebalance_margin:
         return
     after, sid, node = best.after, best.sid, best.node
