@@ -21,9 +21,6 @@ class ComputeSettings:
     console_dir: Path
     shutdown_timeout: float
     capacity_interval: float
-    # The address this node's libvirtd and QEMU take live migrations on (none: no live ones in).
-    migration_address: str | None = None
-    qemu_pid_dir: Path = Path("/run/libvirt/qemu")
     rrd_interval: float = 20.0
     cloudinit_dir: Path = Path("/var/lib/rucher/cloudinit")
     # The address this node's libvirtd and QEMU take live migrations on (none: no live ones in).
@@ -54,8 +51,6 @@ class ComputeSettings:
             console_dir=Path(console).absolute(),
             shutdown_timeout=number("RUCHER_COMPUTE_SHUTDOWN_TIMEOUT", 180.0),
             capacity_interval=number("RUCHER_COMPUTE_CAPACITY_INTERVAL", 30.0),
-            migration_address=environ.get("RUCHER_COMPUTE_MIGRATION_ADDRESS") or None,
-            qemu_pid_dir=Path(environ.get("RUCHER_LIBVIRT_QEMU_PID_DIR") or "/run/libvirt/qemu"),
             rrd_interval=number("RUCHER_COMPUTE_RRD_INTERVAL", 20.0),
             cloudinit_dir=Path(
                 environ.get("RUCHER_COMPUTE_CLOUDINIT_DIR") or str(base.state_dir / "cloudinit")
