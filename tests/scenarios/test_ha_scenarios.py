@@ -21,11 +21,8 @@ SCENARIOS = sorted(path.name for path in FIXTURES.iterdir() if path.is_dir())
 REQUIRED_RATIO = 0.90
 
 
-KNOWN_FAILING: dict[str, str] = {
-    "test-crs-static-rebalance-resource-affinity3": (
-        "rebalance-on-start with five nodes and affinity groups picks other targets than Proxmox"
-    ),
-}
+# Scenarios that do not match Proxmox yet, each with the reason (strict xfail: a fix is noticed).
+KNOWN_FAILING: dict[str, str] = {}
 
 
 def run_scenario(name: str, tmp_path: Path) -> list[str]:

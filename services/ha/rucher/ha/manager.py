@@ -138,7 +138,7 @@ class Manager:
         if preference == "none" and current in pri_nodes:
             return current
         scores = self.usage.scores(sid)
-        nodes = sorted(pri_nodes, key=lambda node: (scores.get(node, 0.0), node))
+        nodes = sorted(pri_nodes, key=lambda node: (round(scores.get(node, 0.0), 9), node))
         if not nodes:
             return None
         if preference == "try-next" and current in nodes:

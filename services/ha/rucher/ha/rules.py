@@ -145,6 +145,15 @@ def get_node_affinity(
     return allowed, by_priority[max(by_priority)]
 
 
+def _occupied(data: ServiceData) -> tuple[str, ...]:
+    """The nodes a partner counts on: both ends of a move, only the target of a balanced start."""
+    if data.state == "request_start_balance" and data.target is not None:
+        return (data.target,)
+    if data.target is not None:
+        return (data.node, data.target)
+    return (data.node,)
+
+
 def get_resource_affinity(
     rules: CompiledRules, sid: str, status: Mapping[str, ServiceData], online: set[str]
 ) -> tuple[dict[str, int], set[str]]:
@@ -155,15 +164,15 @@ def get_resource_affinity(
         data = status.get(other)
         if data is None or data.state in INACTIVE_STATES:
             continue
-        for node in (data.node, data.target):
-            if node is not None and node in online:
+        for node in _occupied(data):
+            if node in online:
                 together[node] = together.get(node, 0) + 1
     for other in sorted(rules.negative.get(sid, ())):
         data = status.get(other)
         if data is None or data.state in INACTIVE_STATES:
             continue
-        for node in (data.node, data.target):
-            if node is not None and node in online:
+        for node in _occupied(data):
+            if node in online:
                 separate.add(node)
     return together, separate
 
