@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from rucher.guests import GuestRegistry
@@ -10,11 +16,12 @@ from rucher.proto.guest import GuestType
 from rucher.proto.ha import CrmAction
 
 from ..buses import connected
-from .stack import NODE, grant, logged_in, make_user
+from .stack import ADMIN, ADMIN_PASSWORD, NODE, grant, logged_in, make_user
 
 pytestmark = pytest.mark.integration
 
 PASSWORD = "ha-user-pass-1"
+SCRIPT = Path(__file__).resolve().parents[3] / "ops" / "ha-maintenance"
 
 
 async def _guest(stack, guest_type: GuestType = GuestType.QEMU) -> int:
@@ -179,3 +186,33 @@ async def test_the_maintenance_extension_needs_sys_console_on_root(stack, admin)
         assert (await user.post(f"/nodes/{NODE}/ha/maintenance", enable=0)).status == 200
     finally:
         await user.close()
+
+
+def _script(stack, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RUCHER_")} | env
+    url = stack.url.removesuffix("/api2/json")
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--url", url, "--insecure"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+async def test_ops_ha_maintenance_script(stack, admin):
+    login = {"RUCHER_USER": ADMIN, "RUCHER_PASSWORD": ADMIN_PASSWORD}
+    done = await asyncio.to_thread(_script, stack, "enable", NODE, **login)
+    assert done.returncode == 0, done.stderr
+    assert f"node {NODE}: maintenance enabled" in done.stdout
+    status = (await admin.get("/cluster/ha/status/manager_status")).data
+    assert status["control"]["maintenance"] == [NODE]
+    done = await asyncio.to_thread(_script, stack, "disable", NODE, **login)
+    assert done.returncode == 0, done.stderr
+    status = (await admin.get("/cluster/ha/status/manager_status")).data
+    assert status["control"]["maintenance"] == []
+    refused = await asyncio.to_thread(_script, stack, "enable", "nosuchnode", **login)
+    assert refused.returncode == 1 and "node" in refused.stderr
+    anonymous = await asyncio.to_thread(_script, stack, "enable", NODE)
+    assert anonymous.returncode != 0 and "RUCHER_API_TOKEN" in anonymous.stderr
