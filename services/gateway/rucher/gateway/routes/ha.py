@@ -23,19 +23,15 @@ from rucher.haconfig import HaConfigStore
 from rucher.proto.errors import ErrorCode
 from rucher.proto.guest import GuestType
 from rucher.proto.ha import (
-    Affinity,
     CrmAction,
     CrmRequest,
     DisarmMode,
     HaControl,
-    HaGroup,
-    HaGroups,
     HaResource,
     HaResources,
     HaRule,
     HaRules,
     RequestedState,
-    RuleType,
 )
 from rucher.pve.params import ParamError
 from rucher.pve.schema import ApiSchema, Endpoint, Param, ParamsSpec, Permissions
@@ -44,14 +40,14 @@ from rucher.pve.values import split_list
 ROUTES = RouteTable()
 
 _SID = re.compile(r"^(?:(vm|ct):)?(\d+)$")
-_NODE_PRIORITY = re.compile(r"^([a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?::(\d+))?$")
 TYPES = {GuestType.QEMU: "vm", GuestType.LXC: "ct"}
 RESOURCE_FIELDS = ("state", "max_restart", "max_relocate", "failback", "comment", "group")
 RESOURCE_DEFAULTS = HaResource(sid="vm:100")
 MAINTENANCE_PATH = "/nodes/{node}/ha/maintenance"
 
 
-def _store(call: Call) -> HaConfigStore:
+def store_of(call: Call) -> HaConfigStore:
+    """The HA configuration store the gateway writes."""
     return HaConfigStore(call.gateway.bus)
 
 
@@ -117,7 +113,7 @@ def _resource_entry(resource: HaResource, document_digest: str) -> dict[str, Any
 
 
 async def _check_group(call: Call, group: str | None) -> None:
-    if group is not None and group not in (await _store(call).groups()).value.groups:
+    if group is not None and group not in (await store_of(call).groups()).value.groups:
         raise ParamError({"group": f"group '{group}' does not exist"})
 
 
@@ -130,7 +126,7 @@ async def ha_index(call: Call) -> list[dict[str, str]]:
 @ROUTES("GET", "/cluster/ha/resources")
 async def list_resources(call: Call) -> list[dict[str, Any]]:
     """Every HA resource, optionally of one type."""
-    read = await _store(call).resources()
+    read = await store_of(call).resources()
     kind = call.params.get("type")
     return [
         _resource_entry(resource, read.digest)
@@ -142,7 +138,7 @@ async def list_resources(call: Call) -> list[dict[str, Any]]:
 @ROUTES("GET", "/cluster/ha/resources/{sid}")
 async def get_resource(call: Call) -> dict[str, Any]:
     """One HA resource's configuration and the document's digest."""
-    read = await _store(call).resources()
+    read = await store_of(call).resources()
     sid = _sid_of_existing(read.value, call.params["sid"])
     return _resource_entry(read.value.resources[sid], read.digest)
 
@@ -166,7 +162,7 @@ async def create_resource(call: Call) -> None:
             )
         return HaResources(resources={**document.resources, sid: resource})
 
-    await _store(call).change_resources(add)
+    await store_of(call).change_resources(add)
 
 
 @ROUTES("PUT", "/cluster/ha/resources/{sid}")
@@ -193,13 +189,13 @@ async def update_resource(call: Call) -> None:
             raise ParamError({"parameters": str(err)}) from err
         return HaResources(resources={**document.resources, sid: resource})
 
-    await _store(call).change_resources(update, p.get("digest"))
+    await store_of(call).change_resources(update, p.get("digest"))
 
 
 @ROUTES("DELETE", "/cluster/ha/resources/{sid}")
 async def delete_resource(call: Call) -> None:
     """Take a guest out of HA; with ``purge`` (the default) out of every rule naming it too."""
-    store = _store(call)
+    store = store_of(call)
     removed: list[str] = []
 
     def remove(document: HaResources) -> HaResources:
@@ -226,7 +222,7 @@ async def delete_resource(call: Call) -> None:
 
 async def _move(call: Call, action: CrmAction) -> dict[str, Any]:
     p = call.params
-    read = await _store(call).resources()
+    read = await store_of(call).resources()
     sid = _sid_of_existing(read.value, p["sid"])
     node = p["node"]
     if node not in call.gateway.model.nodes():
@@ -237,7 +233,7 @@ async def _move(call: Call, action: CrmAction) -> dict[str, Any]:
     request = CrmRequest(
         id=new_id(), action=action, sid=sid, target=node, user=call.authid, time=time.time()
     )
-    await _store(call).queue_request(request)
+    await store_of(call).queue_request(request)
     return {
         "sid": sid,
         "requested-node": node,
@@ -258,263 +254,6 @@ async def relocate_resource(call: Call) -> dict[str, Any]:
     return await _move(call, CrmAction.RELOCATE)
 
 
-# Rules and groups --------------------------------------------------------------------------------
-
-
-def parse_nodes(value: str, field: str = "nodes") -> dict[str, int]:
-    """``node[:priority],...`` as a dict (priority 0 when absent)."""
-    nodes: dict[str, int] = {}
-    for item in split_list(value):
-        found = _NODE_PRIORITY.match(item)
-        if found is None:
-            raise ParamError({field: f"value does not look like a valid ha node name '{item}'"})
-        nodes[found[1]] = int(found[2] or 0)
-    if not nodes:
-        raise ParamError({field: "at least one node is required"})
-    return nodes
-
-
-def _format_nodes(nodes: dict[str, int]) -> str:
-    return ",".join(f"{node}:{prio}" if prio else node for node, prio in sorted(nodes.items()))
-
-
-async def _rule_resources(call: Call, value: str) -> tuple[str, ...]:
-    listed = split_list(value)
-    if not listed:
-        raise ParamError({"resources": "at least one resource is required"})
-    configured = (await _store(call).resources()).value.resources
-    for sid in listed:
-        if sid not in configured:
-            raise ParamError({"resources": f"resource '{sid}' is not an HA resource"})
-    return tuple(dict.fromkeys(listed))
-
-
-def _rule_entry(rule: HaRule, document_digest: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "rule": rule.rule,
-        "type": rule.type.value,
-        "resources": ",".join(rule.resources),
-        "digest": document_digest,
-    }
-    if rule.type is RuleType.NODE_AFFINITY:
-        entry["nodes"] = _format_nodes(rule.nodes)
-        entry["strict"] = int(rule.strict)
-    elif rule.affinity is not None:
-        entry["affinity"] = rule.affinity.value
-    if rule.disable:
-        entry["disable"] = 1
-    if rule.comment:
-        entry["comment"] = rule.comment
-    return entry
-
-
-def _check_rule(rule: HaRule) -> HaRule:
-    if rule.type is RuleType.NODE_AFFINITY and not rule.nodes:
-        raise ParamError({"nodes": "node-affinity rules need 'nodes'"})
-    if rule.type is RuleType.RESOURCE_AFFINITY:
-        if rule.affinity is None:
-            raise ParamError({"affinity": "resource-affinity rules need 'affinity'"})
-        if len(rule.resources) < 2:
-            raise ParamError({"resources": "resource-affinity rules need at least two resources"})
-    return rule
-
-
-@ROUTES("GET", "/cluster/ha/rules")
-async def list_rules(call: Call) -> list[dict[str, Any]]:
-    """Every rule, optionally of one type or naming one resource."""
-    read = await _store(call).rules()
-    kind, resource = call.params.get("type"), call.params.get("resource")
-    return [
-        _rule_entry(rule, read.digest)
-        for _, rule in sorted(read.value.rules.items())
-        if (kind is None or rule.type.value == kind)
-        and (resource is None or resource in rule.resources)
-    ]
-
-
-@ROUTES("GET", "/cluster/ha/rules/{rule}")
-async def get_rule(call: Call) -> dict[str, Any]:
-    """One rule."""
-    read = await _store(call).rules()
-    rule = read.value.rules.get(call.params["rule"])
-    if rule is None:
-        raise RucherError(ErrorCode.NOT_FOUND, f"no such ha rule '{call.params['rule']}'")
-    return _rule_entry(rule, read.digest)
-
-
-@ROUTES("POST", "/cluster/ha/rules")
-async def create_rule(call: Call) -> None:
-    """Create a node-affinity or resource-affinity rule."""
-    p = call.params
-    rule = _check_rule(
-        HaRule(
-            rule=p["rule"],
-            type=RuleType(p["type"]),
-            resources=await _rule_resources(call, p["resources"]),
-            nodes=parse_nodes(p["nodes"]) if p.get("nodes") else {},
-            strict=bool(p.get("strict")),
-            affinity=Affinity(p["affinity"]) if p.get("affinity") else None,
-            disable=bool(p.get("disable")),
-            comment=p.get("comment") or "",
-        )
-    )
-
-    def add(document: HaRules) -> HaRules:
-        if rule.rule in document.rules:
-            raise RucherError(
-                ErrorCode.EXISTS,
-                f"HA rule '{rule.rule}' already defined",
-                details={"field": "rule"},
-            )
-        return HaRules(rules={**document.rules, rule.rule: rule})
-
-    await _store(call).change_rules(add)
-
-
-@ROUTES("PUT", "/cluster/ha/rules/{rule}")
-async def update_rule(call: Call) -> None:
-    """Change a rule (its type stays), guarded by ``digest``."""
-    p = call.params
-    changes: dict[str, Any] = {}
-    if p.get("resources") is not None:
-        changes["resources"] = await _rule_resources(call, p["resources"])
-    if p.get("nodes") is not None:
-        changes["nodes"] = parse_nodes(p["nodes"])
-    for name in ("strict", "disable", "comment", "affinity"):
-        if p.get(name) is not None:
-            changes[name] = p[name]
-    for name in split_list(p.get("delete") or ""):
-        if name not in ("comment", "disable", "strict", "nodes"):
-            raise ParamError({"delete": f"invalid option '{name}'"})
-        changes[name] = {"comment": "", "nodes": {}}.get(name, False)
-
-    def update(document: HaRules) -> HaRules:
-        current = document.rules.get(p["rule"])
-        if current is None:
-            raise RucherError(ErrorCode.NOT_FOUND, f"no such ha rule '{p['rule']}'")
-        if p["type"] != current.type.value:
-            raise ParamError({"type": f"rule '{p['rule']}' is a {current.type.value} rule"})
-        rule = _check_rule(msgspec.convert(msgspec.structs.asdict(current) | changes, HaRule))
-        return HaRules(rules={**document.rules, rule.rule: rule})
-
-    await _store(call).change_rules(update, p.get("digest"))
-
-
-@ROUTES("DELETE", "/cluster/ha/rules/{rule}")
-async def delete_rule(call: Call) -> None:
-    """Delete a rule."""
-    name = call.params["rule"]
-
-    def remove(document: HaRules) -> HaRules:
-        if name not in document.rules:
-            raise RucherError(ErrorCode.NOT_FOUND, f"no such ha rule '{name}'")
-        return HaRules(rules={key: rule for key, rule in document.rules.items() if key != name})
-
-    await _store(call).change_rules(remove)
-
-
-def _group_entry(group: HaGroup, document_digest: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "group": group.group,
-        "type": "group",
-        "nodes": _format_nodes(group.nodes),
-        "restricted": int(group.restricted),
-        "nofailback": int(group.nofailback),
-        "digest": document_digest,
-    }
-    if group.comment:
-        entry["comment"] = group.comment
-    return entry
-
-
-@ROUTES("GET", "/cluster/ha/groups")
-async def list_groups(call: Call) -> list[dict[str, Any]]:
-    """Every HA group (Proxmox before 9; the manager maps them onto node-affinity rules)."""
-    read = await _store(call).groups()
-    return [_group_entry(group, read.digest) for _, group in sorted(read.value.groups.items())]
-
-
-@ROUTES("GET", "/cluster/ha/groups/{group}")
-async def get_group(call: Call) -> dict[str, Any]:
-    """One HA group."""
-    read = await _store(call).groups()
-    group = read.value.groups.get(call.params["group"])
-    if group is None:
-        raise RucherError(ErrorCode.NOT_FOUND, f"no such ha group '{call.params['group']}'")
-    return _group_entry(group, read.digest)
-
-
-@ROUTES("POST", "/cluster/ha/groups")
-async def create_group(call: Call) -> None:
-    """Create an HA group."""
-    p = call.params
-    group = HaGroup(
-        group=p["group"],
-        nodes=parse_nodes(p["nodes"]),
-        restricted=bool(p.get("restricted")),
-        nofailback=bool(p.get("nofailback")),
-        comment=p.get("comment") or "",
-    )
-
-    def add(document: HaGroups) -> HaGroups:
-        if group.group in document.groups:
-            raise RucherError(
-                ErrorCode.EXISTS,
-                f"ha group '{group.group}' already defined",
-                details={"field": "group"},
-            )
-        return HaGroups(groups={**document.groups, group.group: group})
-
-    await _store(call).change_groups(add)
-
-
-@ROUTES("PUT", "/cluster/ha/groups/{group}")
-async def update_group(call: Call) -> None:
-    """Change an HA group, guarded by ``digest``."""
-    p = call.params
-    changes: dict[str, Any] = {}
-    if p.get("nodes") is not None:
-        changes["nodes"] = parse_nodes(p["nodes"])
-    for name in ("restricted", "nofailback", "comment"):
-        if p.get(name) is not None:
-            changes[name] = p[name]
-    for name in split_list(p.get("delete") or ""):
-        if name not in ("comment", "restricted", "nofailback"):
-            raise ParamError({"delete": f"invalid option '{name}'"})
-        changes[name] = "" if name == "comment" else False
-
-    def update(document: HaGroups) -> HaGroups:
-        current = document.groups.get(p["group"])
-        if current is None:
-            raise RucherError(ErrorCode.NOT_FOUND, f"no such ha group '{p['group']}'")
-        group = msgspec.convert(msgspec.structs.asdict(current) | changes, HaGroup)
-        return HaGroups(groups={**document.groups, group.group: group})
-
-    await _store(call).change_groups(update, p.get("digest"))
-
-
-@ROUTES("DELETE", "/cluster/ha/groups/{group}")
-async def delete_group(call: Call) -> None:
-    """Delete an HA group no resource uses."""
-    name = call.params["group"]
-    users = [
-        sid
-        for sid, resource in (await _store(call).resources()).value.resources.items()
-        if resource.group == name
-    ]
-    if users:
-        raise RucherError(
-            ErrorCode.INVALID, f"ha group '{name}' is used by {', '.join(sorted(users))}"
-        )
-
-    def remove(document: HaGroups) -> HaGroups:
-        if name not in document.groups:
-            raise RucherError(ErrorCode.NOT_FOUND, f"no such ha group '{name}'")
-        return HaGroups(groups={key: g for key, g in document.groups.items() if key != name})
-
-    await _store(call).change_groups(remove)
-
-
 # Status, arming and maintenance --------------------------------------------------------------
 
 
@@ -527,7 +266,7 @@ async def status_index(call: Call) -> list[dict[str, str]]:
 @ROUTES("GET", "/cluster/ha/status/current")
 async def status_current(call: Call) -> list[dict[str, Any]]:
     """Quorum, manager, each node and each resource, as ``ha-manager status`` shows them."""
-    store = _store(call)
+    store = store_of(call)
     status, control = await store.manager_status(), (await store.control()).value
     nodes = call.gateway.model.nodes()
     local = call.gateway.bus.node
@@ -598,7 +337,7 @@ async def status_current(call: Call) -> list[dict[str, Any]]:
 @ROUTES("GET", "/cluster/ha/status/manager_status")
 async def manager_status(call: Call) -> dict[str, Any]:
     """The manager's whole status as it last published it, and the administrator's wishes."""
-    store = _store(call)
+    store = store_of(call)
     status = await store.manager_status()
     control = (await store.control()).value
     return {
@@ -612,7 +351,7 @@ async def manager_status(call: Call) -> dict[str, Any]:
 async def disarm(call: Call) -> None:
     """Disarm HA: the manager stops acting; resources freeze or are ignored meanwhile."""
     mode = DisarmMode(call.params["resource-mode"])
-    await _store(call).change_control(
+    await store_of(call).change_control(
         lambda control: msgspec.structs.replace(control, armed=False, disarm_mode=mode)
     )
 
@@ -620,7 +359,7 @@ async def disarm(call: Call) -> None:
 @ROUTES("POST", "/cluster/ha/status/arm-ha")
 async def arm(call: Call) -> None:
     """Arm HA again."""
-    await _store(call).change_control(
+    await store_of(call).change_control(
         lambda control: msgspec.structs.replace(control, armed=True, disarm_mode=None)
     )
 
@@ -638,7 +377,7 @@ async def node_maintenance(call: Call) -> None:
             control, maintenance=tuple(sorted((*others, node))) if enable else others
         )
 
-    await _store(call).change_control(change)
+    await store_of(call).change_control(change)
 
 
 def maintenance_endpoint(schema: ApiSchema) -> Endpoint:
