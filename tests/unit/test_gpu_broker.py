@@ -397,7 +397,7 @@ async def test_virtual_functions_are_picked_free_and_bound(tmp_path):
 
 
 class HangingStore:
-    """A lease store whose writes never finish: the broker 'crashes' while recording."""
+    """A lease store whose final records never finish: the broker 'crashes' while recording."""
 
     def __init__(self, node: FakeNode) -> None:
         self.inner = node.store
@@ -407,6 +407,9 @@ class HangingStore:
         return await self.inner.load()
 
     async def record(self, lease):
+        if lease.pending:  # the intent is written; the final record never is
+            await self.inner.record(lease)
+            return
         self.writing.set()
         await asyncio.Event().wait()
 
@@ -431,10 +434,11 @@ async def _crash_while_recording(node: FakeNode, command: DeviceAllocate) -> Non
 async def test_a_crash_between_mdev_created_and_lease_recorded_leaves_nothing(tmp_path):
     node = synthetic_node(tmp_path)
     await _crash_while_recording(node, request(GpuKind.MDEV, mdev_type="nvidia-1155"))
-    assert len(node.kernel.mdevs()) == 1 and node.store.leases == {}
+    assert len(node.kernel.mdevs()) == 1
+    assert [lease.pending for lease in node.store.leases.values()] == [True]
     restarted = node.broker()
     await restarted.reconcile()
-    assert node.kernel.mdevs() == []
+    assert node.kernel.mdevs() == [] and node.store.leases == {}
     kind = f"{PCI}/0000:43:00.0/mdev_supported_types/nvidia-1155"
     assert node.kernel.read(f"{kind}/available_instances") == "4"
 
@@ -446,6 +450,44 @@ async def test_a_crash_between_bind_and_lease_recorded_gives_the_device_back(tmp
     await node.broker().reconcile()
     assert drivers(node, "0000:41:00.0", "0000:41:00.1") == ["nvidia", "snd_hda_intel"]
     assert drivers(node, "0000:45:00.0") == ["vfio-pci"]  # bound at boot by the admin: kept
+
+
+async def test_a_restart_leaves_alone_what_the_broker_did_not_make(tmp_path):
+    node = synthetic_node(tmp_path)
+    kind = f"{PCI}/0000:43:00.0/mdev_supported_types/nvidia-1156"
+    foreign = "00000000-0000-0000-0000-00000000beef"
+    node.kernel.write(f"{kind}/create", foreign)  # made by an operator, not by Rucher
+    node.kernel.write(f"{PCI}/0000:42:00.0/driver_override", "vfio-pci")  # e.g. driverctl
+    broker = node.broker()
+    await broker.reconcile()
+    assert node.kernel.mdevs() == [foreign]
+    assert node.kernel.read(f"{PCI}/0000:42:00.0/driver_override") == "vfio-pci"
+    # The operator's mdev counts: one instance of the type is left, then none.
+    await broker.allocate(request(GpuKind.MDEV, 100, mdev_type="nvidia-1156"))
+    with pytest.raises(RucherError, match="no free instance"):
+        await broker.allocate(request(GpuKind.MDEV, 101, mdev_type="nvidia-1156"))
+
+
+async def test_a_pending_lease_whose_change_never_happened_is_simply_dropped(tmp_path):
+    node = h200_node(tmp_path)
+    broker = node.broker()
+    await broker.reconcile()
+    kept = await broker.allocate(request(GpuKind.MIG, 300, lxc=True, mig_profile="1g.18gb"))
+    node.guests.vmids = {300}
+    assert kept.lease.mig_instance is not None
+    # An intent for the same placement as the kept slice, recorded just before a crash.
+    ghost = kept.lease.__class__(
+        **{
+            **{f: getattr(kept.lease, f) for f in kept.lease.__struct_fields__},
+            "lease_id": "ghost",
+            "vmid": 301,
+            "pending": True,
+        }
+    )
+    await node.store.record(ghost)
+    await node.broker().reconcile()
+    assert set(node.store.leases) == {kept.lease.lease_id}
+    assert node.nvml is not None and len(node.nvml.mig_instances("0000:00:06.0")) == 1
 
 
 async def test_a_restart_keeps_held_leases_and_frees_those_of_vanished_guests(tmp_path):

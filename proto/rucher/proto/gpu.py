@@ -159,7 +159,9 @@ class GpuLease(msgspec.Struct, frozen=True, kw_only=True):
     """A device, mediated device or MIG slice held by one guest, recorded by the broker.
 
     ``original_drivers`` names, for each function the lease bound to ``vfio-pci`` (the whole
-    IOMMU group), the driver it had before ("" for none), restored on release.
+    IOMMU group), the driver it had before ("" for none), restored on release. A ``pending``
+    lease is recorded just before the host change and replaced once it is made: one still
+    pending when the broker starts is undone (its change may or may not have happened).
     """
 
     lease_id: str
@@ -177,6 +179,7 @@ class GpuLease(msgspec.Struct, frozen=True, kw_only=True):
     original_drivers: dict[PciAddress, str] = {}
     command_id: str | None = None
     claim_id: str | None = None
+    pending: bool = False
 
 
 class PciMappingEntry(msgspec.Struct, frozen=True, kw_only=True):

@@ -26,7 +26,6 @@ DRIVERS = "bus/pci/drivers"
 GROUPS = "kernel/iommu_groups"
 MDEVS = "bus/mdev/devices"
 VFIO = "vfio-pci"
-NULL = "(null)"
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 T = TypeVar("T")
 
@@ -151,11 +150,6 @@ class Host:
         """One function as sysfs shows it now."""
         return await self._run(lambda: read_device(self.sysfs, address))
 
-    async def driver_override(self, address: str) -> str | None:
-        """The driver a function is forced to, if any."""
-        value = await self._run(lambda: self.sysfs.read(f"{PCI}/{address}/driver_override"))
-        return None if value in (None, "", NULL) else value
-
     def _write(self, path: str, value: str) -> None:
         try:
             self.sysfs.write(path, value)
@@ -276,6 +270,20 @@ class Host:
             nvml.destroy_gpu_instance(address, instance.gpu_instance_id)
         except NvmlError as err:
             raise HostError(f"destroying MIG instance on {address}: {err}") from err
+
+    async def mig_instances(self, address: str) -> list[MigInstance]:
+        """The MIG instances that exist on a GPU now (none without NVML or MIG)."""
+        if self.nvml is None:
+            return []
+        nvml = self.nvml
+
+        def read() -> list[MigInstance]:
+            try:
+                return nvml.mig_instances(address)
+            except NvmlError:
+                return []
+
+        return await self._run(read)
 
     async def destroy_mig(self, address: str, instance: MigInstance) -> None:
         """Destroy a MIG instance: its compute instance, then the GPU instance."""

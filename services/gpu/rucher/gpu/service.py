@@ -1,9 +1,11 @@
 """The GPU broker: leases of whole devices, mdevs, MIG slices and VFs, owned by guests.
 
 Every allocation and release runs under one lock per node, on a view re-read from the host
-first, so a device is never handed out twice. A host change comes first and the lease record
-after it; if recording fails the change is undone. A crash between the two leaves a host object
-no lease names, which :meth:`GpuBroker.reconcile` removes at the next start.
+first, so a device is never handed out twice. Each host change is bracketed by two records: a
+pending lease (what is about to change, and the drivers to restore) before it and the lease
+after it; if the second record cannot be written the change is undone. A crash in between
+leaves the pending lease, which :meth:`GpuBroker.reconcile` undoes at the next start, so what
+the broker never finished leaves nothing behind, and nothing it did not make is touched.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from rucher.proto.gpu import (
     GpuInventory,
     GpuKind,
     GpuLease,
+    MigInstance,
     MigProfile,
     PciDevice,
     PciListing,
@@ -48,7 +51,6 @@ from rucher.proto.guest import GuestType
 
 log = structlog.get_logger("rucher.gpu.service")
 
-Undo = Callable[[], Awaitable[None]]
 S = TypeVar("S", bound=msgspec.Struct)
 
 
@@ -270,14 +272,29 @@ class GpuBroker:
             **fields,
         )
 
-    async def _record(self, lease: GpuLease, undo: Undo) -> GpuLease:
-        """Record the lease; undo the host change if the record cannot be written."""
+    async def _record(self, lease: GpuLease) -> GpuLease:
+        """Record the lease; give its device back if the record cannot be written."""
         try:
             await self.store.record(lease)
         except BaseException:
-            await undo()
+            await self._undo(lease)
             raise
         return lease
+
+    async def _with_intent(
+        self, pending: GpuLease, change: Callable[[], Awaitable[GpuLease]], field: str
+    ) -> GpuLease:
+        """Record ``pending``, make the host change, then record the lease it produced.
+
+        A crash between the two records leaves the pending one, which the next start undoes.
+        """
+        await self.store.record(pending)
+        try:
+            lease = await change()
+        except HostError as err:
+            await self.store.remove(pending.lease_id)  # the change undid itself
+            raise _refuse(str(err), field) from err
+        return await self._record(lease)
 
     async def _allocate_whole(
         self, command: DeviceAllocate, candidates: list[PciDevice]
@@ -303,7 +320,7 @@ class GpuBroker:
                 reasons.append(reason)
                 continue
             if not vm:
-                return await self._record(self._new_lease(command, device.address), _nothing)
+                return await self._record(self._new_lease(command, device.address))
             return await self._bind(command, device.address, functions)
         if named or len(reasons) == 1:
             raise _refuse(f"cannot pass through: {'; '.join(reasons)}", "address")
@@ -311,21 +328,22 @@ class GpuBroker:
 
     async def _bind(self, command: DeviceAllocate, address: str, functions: list[str]) -> GpuLease:
         """Bind every function to vfio-pci, undoing all of them if one fails."""
-        originals: dict[str, str] = {}
+        originals = {f: self.view.devices[f].driver or "" for f in functions}
+        pending = self._new_lease(command, address, original_drivers=originals, pending=True)
 
-        async def undo() -> None:
-            for bound, original in reversed(originals.items()):
-                if original != VFIO:
-                    await self.host.restore_driver(bound, original)
+        async def change() -> GpuLease:
+            bound: dict[str, str] = {}
+            try:
+                for function in functions:
+                    bound[function] = await self.host.bind_vfio(function)
+            except HostError as err:
+                for function, original in reversed(bound.items()):
+                    if original != VFIO:
+                        await self.host.restore_driver(function, original)
+                raise HostError(f"binding to vfio-pci failed: {err}") from err
+            return _replace(pending, original_drivers=bound, pending=False)
 
-        try:
-            for function in functions:
-                originals[function] = await self.host.bind_vfio(function)
-        except HostError as err:
-            await undo()
-            raise _refuse(f"binding to vfio-pci failed: {err}", "address") from err
-        lease = self._new_lease(command, address, original_drivers=originals)
-        return await self._record(lease, undo)
+        return await self._with_intent(pending, change, "address")
 
     async def _allocate_mdev(
         self, command: DeviceAllocate, candidates: list[PciDevice]
@@ -351,13 +369,17 @@ class GpuBroker:
             raise _refuse(f"mdev type '{type_id}' has no free instance left", "mdev_type")
         address = free[0][1]
         lease = self._new_lease(command, address, mdev_type=type_id)
-        mdev_uuid = lease.lease_id  # the mdev is named after its lease: a leftover is findable
-        try:
-            await self.host.create_mdev(address, type_id, mdev_uuid)
-        except HostError as err:
-            raise _refuse(f"creating the mediated device failed: {err}", "mdev_type") from err
-        lease = _replace(lease, mdev_uuid=mdev_uuid)
-        return await self._record(lease, lambda: self.host.remove_mdev(mdev_uuid))
+        # The mdev is named after its lease, so a leftover is found by name.
+        pending = _replace(lease, mdev_uuid=lease.lease_id, pending=True)
+
+        async def change() -> GpuLease:
+            try:
+                await self.host.create_mdev(address, type_id, lease.lease_id)
+            except HostError as err:
+                raise HostError(f"creating the mediated device failed: {err}") from err
+            return _replace(pending, pending=False)
+
+        return await self._with_intent(pending, change, "mdev_type")
 
     async def _allocate_mig(self, command: DeviceAllocate, candidates: list[PciDevice]) -> GpuLease:
         """A MIG GPU instance and its compute instance, where larger profiles stay possible."""
@@ -393,14 +415,20 @@ class GpuBroker:
             )
         device = gpus[choice.gpu]
         profile = _profile(device.mig_profiles, name)
-        try:
-            instance = await self.host.create_mig(
-                device.address, profile.profile_id, choice.placement
-            )
-        except HostError as err:
-            raise _refuse(f"creating the MIG instance failed: {err}", "mig_profile") from err
-        lease = self._new_lease(command, device.address, mig_instance=instance)
-        return await self._record(lease, lambda: self.host.destroy_mig(device.address, instance))
+        intended = MigInstance(gpu_instance_id=0, profile_id=profile.profile_id,
+                               placement=choice.placement)  # fmt: skip
+        pending = self._new_lease(command, device.address, mig_instance=intended, pending=True)
+
+        async def change() -> GpuLease:
+            try:
+                made = await self.host.create_mig(
+                    device.address, profile.profile_id, choice.placement
+                )
+            except HostError as err:
+                raise HostError(f"creating the MIG instance failed: {err}") from err
+            return _replace(pending, mig_instance=made, pending=False)
+
+        return await self._with_intent(pending, change, "mig_profile")
 
     # Release -----------------------------------------------------------------------------------
 
@@ -426,34 +454,58 @@ class GpuBroker:
             await self.publish()
 
     async def _undo(self, lease: GpuLease) -> None:
-        """Give a lease's device back: restore drivers, remove the mdev, destroy the MIG slice."""
+        """Give a lease's device back: restore drivers, remove the mdev, destroy the MIG slice.
+
+        Each step first checks the host, so a pending lease whose change never happened, or a
+        device already given back, is left alone.
+        """
         if lease.mdev_uuid is not None:
             if any(m.uuid == lease.mdev_uuid for m in await self.host.mdevs()):
                 await self.host.remove_mdev(lease.mdev_uuid)
         elif lease.mig_instance is not None:
-            device = self.view.devices.get(lease.address)
-            exists = device is not None and any(
-                i.gpu_instance_id == lease.mig_instance.gpu_instance_id
-                for i in device.mig_instances
-            )
-            if exists:
-                await self.host.destroy_mig(lease.address, lease.mig_instance)
+            wanted = lease.mig_instance
+            others = {
+                other.mig_instance.gpu_instance_id
+                for other in self.view.leases.values()
+                if other.lease_id != lease.lease_id
+                and other.address == lease.address
+                and other.mig_instance is not None
+                and not other.pending
+            }
+            for instance in await self.host.mig_instances(lease.address):
+                same = (
+                    instance.placement == wanted.placement
+                    and instance.profile_id == wanted.profile_id
+                    if lease.pending
+                    else instance.gpu_instance_id == wanted.gpu_instance_id
+                )
+                if same and instance.gpu_instance_id not in others:
+                    await self.host.destroy_mig(lease.address, instance)
         for address, original in reversed(lease.original_drivers.items()):
-            if original != VFIO:
+            if original != VFIO and await self._driver(address) == VFIO:
                 await self.host.restore_driver(address, original)
+
+    async def _driver(self, address: str) -> str | None:
+        device = await self.host.device(address)
+        return device.driver if device is not None else None
 
     # Reconciliation ----------------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Rebuild from host and store: drop stale leases, free what no lease or guest holds."""
+        """Rebuild from host and store: undo interrupted allocations, free what no guest holds."""
         async with self.lock:
             self.view.leases = {lease.lease_id: lease for lease in await self.store.load()}
+            await self.refresh()
+            interrupted = [lease for lease in self.view.leases.values() if lease.pending]
+            for lease in interrupted:
+                log.warning("interrupted_allocation_undone", lease=lease.lease_id, vmid=lease.vmid)
+                await self._undo(lease)
+                await self._forget(lease)
             await self.refresh()
             stale = [lease for lease in self.view.leases.values() if not self._present(lease)]
             for lease in stale:
                 log.warning("lease_lost_on_host", lease=lease.lease_id, vmid=lease.vmid)
                 await self._forget(lease)
-            await self._remove_orphans()
             guests = await self.guests.on_node()
             horizon = self.clock() - self.release_grace
             gone = [
@@ -491,35 +543,6 @@ class GpuBroker:
             (d := self.view.devices.get(a)) is not None and d.driver == VFIO
             for a in lease.original_drivers
         )
-
-    async def _remove_orphans(self) -> None:
-        """Remove mdevs and MIG instances no lease names; unbind vfio-pci nobody holds."""
-        named = {lease.mdev_uuid for lease in self.view.leases.values()}
-        for mdev in self.view.mdevs:
-            if mdev.uuid not in named:
-                log.warning("orphan_mdev_removed", uuid=mdev.uuid, parent=mdev.parent)
-                await self.host.remove_mdev(mdev.uuid)
-        held = {
-            (lease.address, lease.mig_instance.gpu_instance_id)
-            for lease in self.view.leases.values()
-            if lease.mig_instance is not None
-        }
-        bound = {a for lease in self.view.leases.values() for a in lease.original_drivers}
-        for address, device in sorted(self.view.devices.items()):
-            for instance in device.mig_instances:
-                if (address, instance.gpu_instance_id) not in held:
-                    log.warning("orphan_mig_destroyed", address=address,
-                                gpu_instance=instance.gpu_instance_id)  # fmt: skip
-                    await self.host.destroy_mig(address, instance)
-            override = await self.host.driver_override(address)
-            if override == VFIO and address not in bound:
-                # Only the broker sets driver_override; one without a lease is an interrupted bind.
-                log.warning("orphan_vfio_bind_undone", address=address)
-                await self.host.restore_driver(address, None)
-
-
-async def _nothing() -> None:
-    return None
 
 
 def _profile(profiles: tuple[MigProfile, ...], name: str) -> MigProfile:
