@@ -142,7 +142,8 @@ class Hardware:
         """Disarm a watchdog."""
         self.watchdogs.pop(handle, None)
 
-    def _watchdog_expired(self, node: str) -> bool:
+    def watchdog_expired(self, node: str) -> bool:
+        """Whether a watchdog of ``node`` ran out (it is removed then)."""
         expired = False
         for handle, (owner, when) in list(self.watchdogs.items()):
             if owner == node and self.time - when > WATCHDOG_TIMEOUT:
@@ -234,7 +235,8 @@ class Hardware:
 
     # --- daemons ---------------------------------------------------------------------------
 
-    def _power_on(self, node: Node) -> None:
+    def power_on(self, node: Node) -> None:
+        """Start the node's CRM and LRM."""
         if node.crm is None:
             node.crm = Crm(SimEnv(self, node.name, "crm"))
         if node.lrm is None:
@@ -242,7 +244,8 @@ class Hardware:
         node.lrm_restart = False
         node.cfs = {}
 
-    def _power_off(self, node: Node) -> None:
+    def power_off(self, node: Node) -> None:
+        """Kill the node's daemons, watchdogs and guests."""
         if node.crm is not None:
             node.crm.env.log("info", "killed by poweroff")
             node.crm = None

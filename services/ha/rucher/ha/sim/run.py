@@ -23,9 +23,9 @@ def _node_command(hw: Hardware, verb: str, node_name: str, args: list[str], sour
         if node.power != (action == "on"):
             if action == "on":
                 node.power = True
-                hw._power_on(node)
+                hw.power_on(node)
             else:
-                hw._power_off(node)
+                hw.power_off(node)
         node.power = node.network = action == "on"
         node.shutdown = None
     elif verb == "network":
@@ -156,7 +156,7 @@ def _step_node(hw: Hardware, name: str, skip_crm: bool, skip_lrm: bool) -> None:
             elif node.shutdown in ("reboot", "shutdown"):
                 execute(hw, f"crm {name} stop", node.shutdown)
     for other in sorted(hw.nodes):
-        if hw._watchdog_expired(other):
+        if hw.watchdog_expired(other):
             execute(hw, f"power {other} off", "watchdog")
             hw.log("info", f"server '{other}' stopped by poweroff (watchdog)")
 
@@ -166,7 +166,7 @@ def run(hw: Hardware) -> list[str]:  # noqa: PLR0912
     hw.log("info", "starting simulation")
     for node in hw.nodes.values():
         if node.power:
-            hw._power_on(node)
+            hw.power_on(node)
     loop_count = 0
     last_command_time = 0
     next_command_at = 0
