@@ -40,6 +40,7 @@ class ServiceState(StrEnum):
     """The manager's state of an HA service."""
 
     REQUEST_START = "request_start"
+    REQUEST_START_BALANCE = "request_start_balance"
     STARTED = "started"
     REQUEST_STOP = "request_stop"
     STOPPED = "stopped"
