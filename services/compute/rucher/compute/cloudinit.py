@@ -80,9 +80,10 @@ def _ipconfig(key: str, value: str) -> dict[str, str]:
             raise CloudInitError(key, f"invalid format - unknown or malformed option '{part}'")
         options[name] = text
     for name, families in (("ip", {"dhcp"}), ("ip6", {"dhcp", "auto"})):
-        text = options.get(name)
-        if text is None or text in families:
+        address_text = options.get(name)
+        if address_text is None or address_text in families:
             continue
+        text = address_text
         try:
             interface = ipaddress.ip_interface(text)
         except ValueError as err:
@@ -91,9 +92,10 @@ def _ipconfig(key: str, value: str) -> dict[str, str]:
         if "/" not in text or interface.version != version:
             raise CloudInitError(key, f"{name}: expected an IPv{version} CIDR, not '{text}'")
     for name, version in (("gw", 4), ("gw6", 6)):
-        text = options.get(name)
-        if text is None:
+        gateway_text = options.get(name)
+        if gateway_text is None:
             continue
+        text = gateway_text
         try:
             address = ipaddress.ip_address(text)
         except ValueError as err:

@@ -14,7 +14,7 @@ import contextlib
 import threading
 from typing import Any
 
-import libvirt
+import libvirt  # type: ignore[import-untyped]
 import structlog
 
 from rucher.bus import RucherError
@@ -191,11 +191,10 @@ class LibvirtConsoles:
         try:
             return await asyncio.to_thread(work)
         except libvirt.libvirtError as err:
-            code = (
-                ErrorCode.NOT_FOUND
-                if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
-                else ErrorCode.INVALID
-            )
+            code = {
+                libvirt.VIR_ERR_NO_DOMAIN: ErrorCode.NOT_FOUND,
+                libvirt.VIR_ERR_NO_SUPPORT: ErrorCode.UNSUPPORTED,
+            }.get(err.get_error_code(), ErrorCode.INVALID)
             raise RucherError(
                 code,
                 f"{serial}: cannot open the console: {err.get_error_message()}",

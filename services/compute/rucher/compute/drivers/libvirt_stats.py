@@ -6,7 +6,7 @@ import asyncio
 import threading
 from typing import Any
 
-import libvirt
+import libvirt  # type: ignore[import-untyped]
 
 from rucher.bus import RucherError
 from rucher.compute.rrd import DomainStats

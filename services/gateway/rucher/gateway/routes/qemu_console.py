@@ -94,6 +94,16 @@ class ConsoleTickets:
             raise RucherError(ErrorCode.UNAUTHENTICATED, "invalid vncticket")
         return entry
 
+    def valid(self, port: int, ticket: str, authid: str, node: str, vmid: int) -> bool:
+        """Whether a pending session matches, without taking it."""
+        entry = self.pending.get(port)
+        return (
+            entry is not None
+            and entry.expires >= time.monotonic()
+            and hmac.compare_digest(entry.ticket, ticket)
+            and (entry.authid, entry.node, entry.vmid) == (authid, node, vmid)
+        )
+
     async def expire(self) -> None:
         """Close the sessions nobody took in time."""
         now = time.monotonic()
@@ -150,13 +160,16 @@ async def termproxy(call: Call) -> dict[str, Any]:
 
 
 @ROUTES("GET", "/nodes/{node}/qemu/{vmid}/vncwebsocket")
-async def vncwebsocket(call: Call) -> None:
-    """Only a websocket upgrade reaches the console; a plain GET is a client error."""
-    raise RucherError(
-        ErrorCode.INVALID,
-        "vncwebsocket: this endpoint needs a websocket upgrade",
-        details={"field": "vncticket"},
-    )
+async def vncwebsocket(call: Call) -> dict[str, str]:
+    """Without the upgrade, check the vncticket as Proxmox's handler does and answer the port."""
+    p = call.params
+    if not TICKETS.valid(p["port"], p["vncticket"], call.authid, p["node"], p["vmid"]):
+        raise RucherError(
+            ErrorCode.INVALID,
+            "vncticket: invalid or expired ticket for this port",
+            details={"field": "vncticket"},
+        )
+    return {"port": str(p["port"])}
 
 
 def websocket_routes(gateway: Gateway) -> list[WebSocketRoute]:
