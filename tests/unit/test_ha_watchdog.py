@@ -162,7 +162,7 @@ def test_settings_from_env_name_the_variable():
         base, {"RUCHER_HA_LEASE_TTL": "12", "RUCHER_HA_FENCE_HOOK": "ipmitool -H 'a b' off"}
     )
     assert settings.watchdog.lease_ttl == 12
-    assert settings.watchdog.kill_after == 9
+    assert settings.watchdog.kill_after == 10
     assert settings.fence_hook.command == ("ipmitool", "-H", "a b", "off")
     with pytest.raises(SettingsError, match="RUCHER_HA_RENEW_INTERVAL"):
         HaNodeSettings.from_env(base, {"RUCHER_HA_RENEW_INTERVAL": "soon"})

@@ -156,7 +156,7 @@ class NodeWatchdog:
 
     async def start(self) -> None:
         """Kill leftover HA guests (no lease yet), then run the renewer and the enforcer."""
-        await self.enforce()
+        await self.fence("startup")
         self._tasks = [
             asyncio.create_task(self._renew_loop(), name="ha-lease-renewer"),
             asyncio.create_task(self._enforce_loop(), name="ha-watchdog"),
@@ -234,8 +234,9 @@ class NodeWatchdog:
             self._held_token = None
             self.state = WatchdogState.FENCED
             self.fenced_token = token
-            log.warning(
-                "ha_self_fenced",
+            quiet = reason == "startup" and not killed
+            (log.info if quiet else log.warning)(
+                "ha_startup_sweep" if quiet else "ha_self_fenced",
                 reason=reason,
                 killed=killed,
                 clean=clean,
