@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import msgspec
 import structlog
 
 from rucher.gpu.drivers.interface import Nvml, NvmlError, Sysfs
-from rucher.proto.gpu import MdevType, MigInstance, MigPlacement, PciDevice
+from rucher.proto.gpu import MdevType, MigInstance, MigPlacement, MigProfile, PciDevice
 
 log = structlog.get_logger("rucher.gpu.host")
 
@@ -110,24 +111,23 @@ def discover(sysfs: Sysfs, nvml: Nvml | None) -> tuple[list[PciDevice], str | No
         found = devices.get(gpu.address)
         if found is None:
             continue
-        profiles: tuple[object, ...] = ()
+        profiles: list[MigProfile] = []
         instances: list[MigInstance] = []
-        try:
-            profiles = tuple(nvml.mig_profiles(gpu.address)) if gpu.mig_current else ()
-            instances = nvml.mig_instances(gpu.address) if gpu.mig_current else []
-        except NvmlError as err:
-            log.warning("mig_unreadable", address=gpu.address, error=str(err))
-        devices[gpu.address] = PciDevice(
-            **{
-                **{f: getattr(found, f) for f in found.__struct_fields__},
-                "device_name": gpu.name,
-                "uuid": gpu.uuid,
-                "memory": gpu.memory,
-                "mig_enabled": gpu.mig_current,
-                "mig_pending": gpu.mig_pending,
-                "mig_profiles": profiles,
-                "mig_instances": tuple(instances),
-            }
+        if gpu.mig_current:
+            try:
+                profiles = nvml.mig_profiles(gpu.address)
+                instances = nvml.mig_instances(gpu.address)
+            except NvmlError as err:
+                log.warning("mig_unreadable", address=gpu.address, error=str(err))
+        devices[gpu.address] = msgspec.structs.replace(
+            found,
+            device_name=gpu.name,
+            uuid=gpu.uuid,
+            memory=gpu.memory,
+            mig_enabled=gpu.mig_current,
+            mig_pending=gpu.mig_pending,
+            mig_profiles=tuple(profiles),
+            mig_instances=tuple(instances),
         )
     return list(devices.values()), nvml.driver_version()
 
