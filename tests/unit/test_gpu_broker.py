@@ -9,6 +9,7 @@ import random
 import pytest
 
 from rucher.bus import RucherError
+from rucher.gpu.drivers.interface import NVML_INSUFFICIENT_RESOURCES, NvmlError
 from rucher.gpu.host import discover
 from rucher.gpu.mig import geometry_of
 from rucher.proto.errors import ErrorCode
@@ -16,6 +17,7 @@ from rucher.proto.gpu import (
     DeviceAllocate,
     DeviceRelease,
     GpuKind,
+    MigPlacement,
     PciMapping,
     PciMappingEntry,
     ReleaseReason,
@@ -302,6 +304,25 @@ async def test_mig_slices_go_where_large_profiles_stay_possible(tmp_path):
     assert node.nvml is not None and node.nvml.calls == calls  # nothing was tried
     await broker.release(DeviceRelease(command_id="r", vmid=200, reason=ReleaseReason.REQUESTED))
     assert [i.placement.start for i in node.nvml.mig_instances("0000:00:06.0")] == [0]
+
+
+def test_the_fake_nvml_refuses_what_nvml_refuses(tmp_path):
+    node = h200_node(tmp_path)
+    assert node.nvml is not None
+    half = next(p for p in h200_profiles() if p.name == "3g.71gb")
+    with pytest.raises(NvmlError):  # 3g.71gb may only start at slot 0 or 4
+        node.nvml.create_gpu_instance(
+            "0000:00:06.0", half.profile_id, MigPlacement(start=2, size=4)
+        )
+    node.nvml.create_gpu_instance("0000:00:06.0", half.profile_id, MigPlacement(start=4, size=4))
+    small = next(p for p in h200_profiles() if p.name == "1g.18gb")
+    with pytest.raises(NvmlError) as taken:
+        node.nvml.create_gpu_instance(
+            "0000:00:06.0", small.profile_id, MigPlacement(start=5, size=1)
+        )
+    assert taken.value.code == NVML_INSUFFICIENT_RESOURCES
+    node.kernel.write(f"{PCI}/0000:00:06.0/driver/unbind", "0000:00:06.0")
+    assert node.nvml.gpus() == []  # NVML only sees GPUs its driver holds
 
 
 async def test_a_vm_asking_for_a_mig_slice_is_told_to_use_a_vgpu_type(tmp_path):
