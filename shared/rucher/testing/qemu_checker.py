@@ -175,7 +175,7 @@ class QemuChecker:
     @classmethod
     def for_harness(cls, harness: Any, **options: Any) -> QemuChecker:
         """A checker for every node of a ``rucher.testing.harness.Harness``."""
-        nodes = {netns_inode(node.namespace): node.name for node in harness.nodes.values()}
+        nodes = {netns_inode(node.namespace): node.name for node in harness.nodes}
         return cls(nodes, **options)
 
     def node_of(self, inode: int | None) -> str:
