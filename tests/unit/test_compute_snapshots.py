@@ -297,3 +297,19 @@ async def test_destroy_frees_snapshot_only_and_unreferenced_volumes(world):
     await world.service.destroy(command(compute.VmDestroy, destroy_unreferenced_disks=True))
     assert world.tasks.ended[-1] == ("qmdestroy", "OK")
     assert not [volid for volid in world.volumes.volumes if "/100/" in volid]
+
+
+async def test_a_running_vm_is_not_cloned_and_a_template_with_clones_is_not_destroyed(world):
+    await made(world, scsi0="local:1,format=qcow2")
+    await world.service.start(command(compute.VmStart))
+    error = await refused(world, clone.clone, command(compute.VmClone, newid=101))
+    assert error.details == {"field": "vmid"} and "running" in error.message
+    await world.service.stop(command(compute.VmStop))
+    assert await run(world, clone.template, command(compute.VmTemplate)) == "OK"
+    assert await run(world, clone.clone, command(compute.VmClone, newid=101)) == "OK"
+    with pytest.raises(RucherError) as caught:
+        await world.service.destroy(command(compute.VmDestroy))
+    assert "linked clone VM 101" in caught.value.message
+    await world.service.destroy(command(compute.VmDestroy, 101))
+    await world.service.destroy(command(compute.VmDestroy))
+    assert world.guests.records == {} and world.tasks.ended[-1] == ("qmdestroy", "OK")

@@ -180,8 +180,9 @@ async def _checked(
     if command.target not in (None, service.node):
         raise admission.invalid("target", "cloning to another node needs shared storage")
     running = await service.power_state(command.vmid) is not PowerState.STOPPED
-    if not linked and running and command.snapname is None:
-        raise admission.invalid("vmid", "cloning a running VM needs a snapshot (snapname)")
+    if not linked and running:
+        # QEMU holds a running guest's images locked; a live copy would need drive-mirror.
+        raise admission.invalid("vmid", f"VM {command.vmid} is running: stop it to clone it")
     if command.newid == command.vmid:
         raise admission.invalid("newid", "the new VMID must differ from the source's")
     if command.pool is not None and (

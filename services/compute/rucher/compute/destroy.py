@@ -14,6 +14,7 @@ import structlog
 
 from rucher.bus import RucherError
 from rucher.compute import disks
+from rucher.proto.errors import ErrorCode
 from rucher.proto.guest import GuestRecord
 
 if TYPE_CHECKING:
@@ -59,3 +60,25 @@ async def leave_pools(service: ComputeService, vmid: int, actor: str, task: Task
         return
     for poolid in left:
         await task.log(f"removed VM {vmid} from pool '{poolid}'")
+
+
+async def refuse_if_linked(service: ComputeService, record: GuestRecord) -> None:
+    """A template whose base volumes back other guests' linked clones cannot be destroyed."""
+    bases = [
+        volid
+        for volid in disks.owned_volumes(record.config, record.vmid)
+        if f"base-{record.vmid}-" in volid
+    ]
+    if not bases:
+        return
+    for other in await service.guests.list():
+        if other.vmid == record.vmid:
+            continue
+        for value in [*other.config.values(), *other.pending.values()]:
+            used = next((base for base in bases if disks.disk_file(value).startswith(base)), None)
+            if used is not None:
+                raise RucherError(
+                    ErrorCode.INVALID,
+                    f"base volume '{used}' is still in use by linked clone VM {other.vmid}",
+                    details={"field": "vmid"},
+                )

@@ -380,9 +380,10 @@ class ComputeService:
         stay. ``destroy_unreferenced_disks`` also removes volumes named for it that no config
         mentions.
         """
-        await self._owned(command.vmid, skiplock=command.skiplock)
+        owned = await self._owned(command.vmid, skiplock=command.skiplock)
         if await self._state(command.vmid) is not PowerState.STOPPED:
             raise admission.invalid("vmid", f"VM {command.vmid} is running - destroy failed")
+        await destroy.refuse_if_linked(self, owned)
 
         async def body(task: TaskLog) -> None:
             await self.hypervisor.undefine(domain_name(command.vmid))
