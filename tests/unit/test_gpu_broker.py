@@ -12,6 +12,7 @@ from rucher.bus import RucherError
 from rucher.gpu.drivers.interface import NVML_INSUFFICIENT_RESOURCES, NvmlError
 from rucher.gpu.host import discover
 from rucher.gpu.mig import geometry_of
+from rucher.gpu.pciids import PciNames
 from rucher.proto.errors import ErrorCode
 from rucher.proto.gpu import (
     DeviceAllocate,
@@ -72,6 +73,16 @@ def test_discovery_reads_the_captured_h200_host(tmp_path):
     assert gpu.uuid == "GPU-2546f794-6e50-36c5-e314-624ebb841bbe"
     assert gpu.memory == 150754820096 and not gpu.mig_enabled
     assert by_address["0000:00:01.0"].driver == "virtio-pci"
+
+
+def test_discovery_names_devices_from_pci_ids_and_nvml(tmp_path):
+    ids = tmp_path / "pci.ids"
+    ids.write_text("1af4  Red Hat, Inc.\n\t1041  Virtio 1.0 network device\n")
+    node = h200_node(tmp_path, mig=False)
+    devices = {d.address: d for d in discover(node.kernel, node.nvml, PciNames(ids))[0]}
+    nic = devices["0000:00:03.0"]
+    assert (nic.vendor_name, nic.device_name) == ("Red Hat, Inc.", "Virtio 1.0 network device")
+    assert devices["0000:00:06.0"].device_name == "NVIDIA H200"  # NVML's name for its GPUs
 
 
 def test_discovery_reads_groups_vfs_and_vgpu_types(tmp_path):

@@ -12,6 +12,7 @@ from rucher.gpu.config import GpuSettings
 from rucher.gpu.drivers.nvml import load_pynvml, pci_address
 from rucher.gpu.hostdev import mdev_hostdev, pci_hostdev
 from rucher.gpu.mig import choose_mig, first_fit, geometry_of
+from rucher.gpu.pciids import PciNames
 from rucher.proto.gpu import MigPlacement
 from rucher.pve.params import DUPLICATE, ParamError, merge, parse_json, validate
 from rucher.pve.schema import Param, ParamsSpec
@@ -108,3 +109,28 @@ def test_the_benchmark_uses_the_h200_table_of_the_fixture():
     broker = bench.replay(requests, 4, bench.choose_mig, strict=True)
     baseline = bench.replay(requests, 4, bench.first_fit, strict=False)
     assert broker.satisfied >= baseline.satisfied * 0.98
+
+
+PCI_IDS = """\
+# a cut of pci.ids
+10de  NVIDIA Corporation
+\t2335  GH100 [H200 SXM 141GB]
+\t\t10de 18bf  H200 SXM 141GB
+\t26b9  AD102GL [L40S]
+1af4  Red Hat, Inc.
+\t1042  Virtio 1.0 block device
+C 03  Display controller
+\t00  VGA compatible controller
+"""
+
+
+def test_names_come_from_pci_ids_for_the_ids_present(tmp_path):
+    path = tmp_path / "pci.ids"
+    path.write_text(PCI_IDS)
+    names = PciNames(path)
+    names.learn({("10de", "2335")})
+    assert names.names("10de", "2335") == ("NVIDIA Corporation", "GH100 [H200 SXM 141GB]")
+    assert names.names("1af4", "1042") == ("", "")  # not present on the node: not kept
+    names.learn({("1af4", "1042")})
+    assert names.names("1af4", "1042") == ("Red Hat, Inc.", "Virtio 1.0 block device")
+    assert PciNames(None).names("10de", "2335") == ("", "")

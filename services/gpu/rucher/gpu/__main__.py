@@ -19,6 +19,7 @@ from rucher.gpu.drivers.sysfs import HostSysfs
 from rucher.gpu.handlers import serve
 from rucher.gpu.host import Host, HostError
 from rucher.gpu.mappings import Mappings
+from rucher.gpu.pciids import PciNames
 from rucher.gpu.service import GpuBroker
 from rucher.gpu.store import BusEvents, KvGuestDirectory, KvLeaseStore, KvMappings
 from rucher.proto.gpu import PCI_LIST, PciDevice, PciListQuery
@@ -51,11 +52,12 @@ async def setup(context: ServiceContext) -> None:
     settings = GpuSettings.from_env(context.settings)
     bus = context.bus
     nvml = await asyncio.to_thread(load_nvml, settings.nvml)
-    log.info("gpu_host", sysfs=str(settings.sysfs_root), nvml=nvml is not None)
+    log.info("gpu_host", sysfs=str(settings.sysfs_root), nvml=nvml is not None,
+             pci_ids=str(settings.pci_ids) if settings.pci_ids else None)  # fmt: skip
     book = KvMappings(bus)
     broker = GpuBroker(
         bus.node,
-        Host(HostSysfs(settings.sysfs_root), nvml),
+        Host(HostSysfs(settings.sysfs_root), nvml, PciNames(settings.pci_ids)),
         KvLeaseStore(bus, bus.node),
         BusEvents(bus),
         book,

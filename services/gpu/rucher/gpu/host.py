@@ -18,6 +18,7 @@ import msgspec
 import structlog
 
 from rucher.gpu.drivers.interface import Nvml, NvmlError, Sysfs
+from rucher.gpu.pciids import PciNames
 from rucher.proto.gpu import MdevType, MigInstance, MigPlacement, MigProfile, PciDevice
 
 log = structlog.get_logger("rucher.gpu.host")
@@ -98,13 +99,22 @@ def read_device(sysfs: Sysfs, address: str) -> PciDevice | None:
     )
 
 
-def discover(sysfs: Sysfs, nvml: Nvml | None) -> tuple[list[PciDevice], str | None]:
+def discover(
+    sysfs: Sysfs, nvml: Nvml | None, names: PciNames | None = None
+) -> tuple[list[PciDevice], str | None]:
     """Every PCI function, with NVML's view of NVIDIA GPUs; and the NVIDIA driver version."""
     devices = {
         device.address: device
         for address in sysfs.listdir(PCI)
         if (device := read_device(sysfs, address)) is not None
     }
+    if names is not None:
+        names.learn({(d.vendor_id, d.device_id) for d in devices.values()})
+        for address, device in devices.items():
+            vendor_name, device_name = names.names(device.vendor_id, device.device_id)
+            devices[address] = msgspec.structs.replace(
+                device, vendor_name=vendor_name, device_name=device_name
+            )
     if nvml is None:
         return list(devices.values()), None
     for gpu in nvml.gpus():
@@ -135,16 +145,17 @@ def discover(sysfs: Sysfs, nvml: Nvml | None) -> tuple[list[PciDevice], str | No
 class Host:
     """The node's sysfs and NVML, called off the event loop."""
 
-    def __init__(self, sysfs: Sysfs, nvml: Nvml | None) -> None:
+    def __init__(self, sysfs: Sysfs, nvml: Nvml | None, names: PciNames | None = None) -> None:
         self.sysfs = sysfs
         self.nvml = nvml
+        self.names = names
 
     async def _run(self, call: Callable[[], T]) -> T:
         return await asyncio.to_thread(call)
 
     async def discover(self) -> tuple[list[PciDevice], str | None]:
         """Every PCI function and the NVIDIA driver version."""
-        return await self._run(lambda: discover(self.sysfs, self.nvml))
+        return await self._run(lambda: discover(self.sysfs, self.nvml, self.names))
 
     async def device(self, address: str) -> PciDevice | None:
         """One function as sysfs shows it now."""
