@@ -313,3 +313,16 @@ async def test_a_running_vm_is_not_cloned_and_a_template_with_clones_is_not_dest
     await world.service.destroy(command(compute.VmDestroy, 101))
     await world.service.destroy(command(compute.VmDestroy))
     assert world.guests.records == {} and world.tasks.ended[-1] == ("qmdestroy", "OK")
+
+
+async def test_a_stopped_vm_takes_what_was_left_pending_on_its_next_config_change(world):
+    await made(world, scsi0="local:1,format=qcow2")
+    await world.service.start(command(compute.VmStart))
+    await world.service.update_config(command(compute.VmConfigUpdate, config={"cores": "2"}))
+    world.hypervisor.domains_by_name[domain_name(100)].state = PowerState.STOPPED  # powered off
+    await world.service.update_config(command(compute.VmConfigUpdate, config={"memory": "384"}))
+    record = world.guests.records[100]
+    assert record.config["cores"] == "2" and record.config["memory"] == "384"
+    assert record.pending == {}
+    xml = world.hypervisor.domains_by_name[domain_name(100)].xml
+    assert 'current="2"' in xml and '<memory unit="MiB">384</memory>' in xml

@@ -192,12 +192,11 @@ def _changed(
         record, config=config, pending=pending, pending_delete=pending_delete
     )
     if not running:
-        applied = _apply(reverted, changes, command.delete, command.force)
-        return msgspec.structs.replace(
-            applied,
-            pending={k: v for k, v in pending.items() if k not in changes},
-            pending_delete=tuple(k for k in pending_delete if k not in changes),
-        )
+        # A stopped guest takes what was still pending too, as Proxmox applies it on any update.
+        left = tuple(k for k in pending_delete if k not in changes)
+        folded = _apply(reverted, {**pending, **changes}, left)
+        applied = _apply(folded, {}, command.delete, command.force)
+        return msgspec.structs.replace(applied, pending={}, pending_delete=())
     now = {k: v for k, v in changes.items() if k in FAST_PLUG}
     later = {k: v for k, v in changes.items() if k not in FAST_PLUG}
     deleted_now = tuple(k for k in command.delete if _now(k))
