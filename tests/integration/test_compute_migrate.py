@@ -8,6 +8,8 @@ alone, and refused migrations name their reason and change nothing.
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -281,3 +283,32 @@ async def test_a_running_guest_copies_its_local_disk_to_the_other_node(cluster, 
         assert str(target) in connection.lookupByName(name).XMLDesc()
     finally:
         connection.close()
+
+
+async def test_a_migration_cut_off_midway_leaves_the_guest_running_at_home(
+    cluster, bus, guest_image
+):
+    vmid = 990_631
+    name = f"rucher-{vmid}"
+    await create(bus, vmid, guest_image, start=True, scsi0="local:0.1,format=qcow2")
+    # n2's QEMU and NBD server listen in libvirt's migration port range: refuse it there, so
+    # the migration fails after n2's libvirtd has started the incoming domain.
+    n2 = cluster.harness.node("n2")
+    reject = ["-p", "tcp", "--dport", "49152:49215", "-j", "REJECT"]
+    await asyncio.to_thread(
+        subprocess.run, [*n2.wrap, "iptables", "-I", "INPUT", *reject], check=True
+    )
+    try:
+        command = migrate(vmid, "n2", online=True, with_local_disks=True)
+        state = await task_end(bus, await ask(bus, "n1", compute.GUEST_MIGRATE, command), 180)
+    finally:
+        await asyncio.to_thread(
+            subprocess.run, [*n2.wrap, "iptables", "-D", "INPUT", *reject], check=True
+        )
+    assert state.exitstatus != "OK"
+
+    record = await GuestRegistry(bus).get(vmid)
+    assert (record.node, record.lock) == ("n1", None)
+    assert cluster.domains("n1") == {name: True}
+    assert cluster.domains("n2") == {}
+    assert not list((n2.state_dir / "local").rglob(f"vm-{vmid}-*"))  # its twin disk is freed

@@ -81,13 +81,15 @@ class Guests:
     known: dict[int, GuestType] = field(default_factory=dict)
     configs: dict[int, dict[str, str]] = field(default_factory=dict)
     running: set[int] = field(default_factory=set)
+    owners: dict[int, str] = field(default_factory=dict)  # node by VMID; n1 when absent
 
     async def guests(self) -> dict[int, GuestType]:
         return dict(self.known)
 
-    async def running_users(self, volid: str) -> list[int]:
+    async def running_users(self, volid: str, node: str | None = None) -> list[int]:
         return [vmid for vmid, config in self.configs.items()
-                if vmid in self.running and volid in attached_volumes(config)]  # fmt: skip
+                if vmid in self.running and volid in attached_volumes(config)
+                and (node is None or self.owners.get(vmid, "n1") == node)]  # fmt: skip
 
 
 @dataclass
@@ -259,6 +261,23 @@ async def test_the_api_cannot_free_a_disk_whose_guest_exists_but_its_agent_can(w
 
     await world.service.free(VolumeFree(command_id=cid(), volid=volume.volid))
     assert world.drivers["local"].volumes == {}
+
+
+async def test_a_local_volume_a_running_guest_elsewhere_names_is_not_attached_here(world):
+    # After a migration that copied its disk, the guest on n2 names the same volume id as the
+    # copy n1 still holds: n1's copy is nobody's disk and may go; a shared one may not.
+    local, shared = await allocate(world), await allocate(world, "ceph")
+    world.guests.configs[100] = {"scsi0": local.volid, "scsi1": shared.volid}
+    world.guests.running.add(100)
+    world.guests.owners[100] = "n1"
+    await refused(world.service.free(VolumeFree(command_id=cid(), volid=local.volid)),
+                  ErrorCode.INVALID, "volid")  # fmt: skip
+
+    world.guests.owners[100] = "n2"
+    await world.service.free(VolumeFree(command_id=cid(), volid=local.volid))
+    assert world.drivers["local"].volumes == {}
+    await refused(world.service.free(VolumeFree(command_id=cid(), volid=shared.volid)),
+                  ErrorCode.INVALID, "volid")  # fmt: skip
 
 
 async def test_a_base_with_linked_clones_is_not_freed_and_the_clones_are_named(world):

@@ -154,12 +154,14 @@ class KvGuestDirectory:
         self.kv: KV[GuestRecord] = KV(bus, GUESTS, GuestRecord)
         self.status_timeout = status_timeout
 
-    async def running_users(self, volid: str) -> list[int]:
-        """VMIDs of guests that attach ``volid`` and are not stopped."""
+    async def running_users(self, volid: str, node: str | None = None) -> list[int]:
+        """VMIDs of guests that attach ``volid`` and are not stopped (owned by ``node``)."""
         users = [
             entry.value
             for entry in await self.kv.entries()
-            if entry.value is not None and volid in attached_volumes(entry.value.config)
+            if entry.value is not None
+            and volid in attached_volumes(entry.value.config)
+            and (node is None or entry.value.node == node)
         ]
         states = await asyncio.gather(*(self._running(record) for record in users))
         return [record.vmid for record, running in zip(users, states, strict=True) if running]

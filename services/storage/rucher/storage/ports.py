@@ -48,8 +48,11 @@ class GuestDirectory(Protocol):
         """Every guest's VMID and type."""
         ...
 
-    async def running_users(self, volid: str) -> list[int]:
-        """VMIDs of guests that attach ``volid`` and run; ``unavailable`` if that is unknown."""
+    async def running_users(self, volid: str, node: str | None = None) -> list[int]:
+        """VMIDs of guests that attach ``volid`` and run; ``unavailable`` if that is unknown.
+
+        With ``node``, only guests that node owns count (a volume of a node-local storage).
+        """
         ...
 
 

@@ -128,9 +128,16 @@ class StorageService:
             path=volume.path,
         )
 
-    async def _refuse_running(self, volid: str) -> None:
-        """Refuse to change a volume that a running guest has attached."""
-        running = await self.guests.running_users(volid)
+    async def _refuse_running(
+        self, volid: str, definition: StorageDefinition | None = None
+    ) -> None:
+        """Refuse to change a volume that a running guest has attached.
+
+        On a storage that is not shared, only this node's guests can attach its volumes: a
+        guest elsewhere naming the same volume id uses its own node's copy (after a migration).
+        """
+        local = definition is not None and not definition.shared
+        running = await self.guests.running_users(volid, self.node if local else None)
         if running:
             raise in_use(volid, running)
 
@@ -239,7 +246,7 @@ class StorageService:
                 "You can delete the image from the guest's hardware pane",
                 "volid",
             )
-        await self._refuse_running(command.volid)
+        await self._refuse_running(command.volid, definition)
         async with self.pool.lock(definition.storage):
             await driver.free(volname)
         log.info("volume_freed", volid=command.volid)
