@@ -326,3 +326,17 @@ async def test_a_stopped_vm_takes_what_was_left_pending_on_its_next_config_chang
     assert record.pending == {}
     xml = world.hypervisor.domains_by_name[domain_name(100)].xml
     assert 'current="2"' in xml and '<memory unit="MiB">384</memory>' in xml
+
+
+async def test_a_snapshot_description_is_changed_or_removed(world):
+    await made(world, scsi0="local:1,format=qcow2")
+    assert await run(world, snapshots.create, snap("one", description="old")) == "OK"
+    message = command(compute.VmSnapshotUpdate, snapname="one", description="new")
+    await snapshots.update(world.service, message)
+    assert world.guests.records[100].snapshots["one"]["description"] == "new"
+    await snapshots.update(world.service, command(compute.VmSnapshotUpdate, snapname="one"))
+    assert "description" not in world.guests.records[100].snapshots["one"]
+    error = await refused(
+        world, snapshots.update, command(compute.VmSnapshotUpdate, snapname="two")
+    )
+    assert error.details == {"field": "snapname"}

@@ -211,6 +211,13 @@ class VmSnapshotDelete(GuestCommand, frozen=True, kw_only=True, tag="compute.sna
     force: bool = False
 
 
+class VmSnapshotUpdate(GuestCommand, frozen=True, kw_only=True, tag="compute.snapshot.update"):
+    """Change a snapshot's description (``PUT .../snapshot/{snapname}/config``)."""
+
+    snapname: SnapshotName
+    description: str = ""
+
+
 class VmClone(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.clone"):
     """Clone a VM (or a template, linked unless ``full``) into ``newid``."""
 
@@ -469,6 +476,14 @@ SNAPSHOT_DELETE = RpcSubject(
     Scope.NODE,
     "Delete a VM snapshot on {node}; answers with the task's UPID.",
     reply=TaskAccepted,
+)
+SNAPSHOT_UPDATE = RpcSubject(
+    "rpc.compute.snapshot_update.{node}",
+    VmSnapshotUpdate,
+    Kind.RPC,
+    Scope.NODE,
+    "Change a VM snapshot's description on {node}; answers once it is written.",
+    reply=Done,
 )
 GUEST_CLONE = RpcSubject(
     "rpc.compute.guest_clone.{node}",

@@ -30,6 +30,7 @@ def routes(service: ComputeService) -> list[tuple[RpcSubject[Any, Any], Callable
         (compute.SNAPSHOT_CREATE, functools.partial(snapshots.create, service)),
         (compute.SNAPSHOT_ROLLBACK, functools.partial(snapshots.rollback, service)),
         (compute.SNAPSHOT_DELETE, functools.partial(snapshots.delete, service)),
+        (compute.SNAPSHOT_UPDATE, functools.partial(snapshots.update, service)),
         (compute.GUEST_TEMPLATE, functools.partial(clone.template, service)),
         (compute.GUEST_CLONE, functools.partial(clone.clone, service)),
         (compute.DISK_RESIZE, functools.partial(pending.resize, service)),

@@ -20,7 +20,7 @@ from rucher.bus import RucherError
 from rucher.compute import admission, disks
 from rucher.compute.domain_xml import domain_name
 from rucher.proto import compute
-from rucher.proto.common import PowerState
+from rucher.proto.common import Done, PowerState
 from rucher.proto.guest import GuestLock, GuestRecord
 from rucher.proto.storage import DiskFormat, VolumeProtocol
 from rucher.proto.task import TaskAccepted
@@ -310,3 +310,23 @@ async def run_undo(steps: Undo) -> None:
             await step()
         except RucherError as err:
             log.warning("undo_step_failed", error=err.message, code=err.code)
+
+
+async def update(service: ComputeService, command: compute.VmSnapshotUpdate) -> Done:
+    """Change a snapshot's description (an empty one removes it)."""
+    record = await service.owned(command.vmid)
+    _check_name(record, command.snapname, exists=True)
+    await service.guests.rewrite(
+        command.vmid, functools.partial(_described, command.snapname, command.description)
+    )
+    return Done()
+
+
+def _described(snapname: str, description: str, record: GuestRecord) -> GuestRecord:
+    section = record.snapshots.get(snapname)
+    if section is None:
+        raise admission.invalid("snapname", f"snapshot '{snapname}' does not exist")
+    updated = {key: value for key, value in section.items() if key != "description"}
+    if description:
+        updated["description"] = description
+    return msgspec.structs.replace(record, snapshots={**record.snapshots, snapname: updated})

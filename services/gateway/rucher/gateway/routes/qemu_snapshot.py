@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import msgspec
-
 from rucher.bus import RucherError
 from rucher.gateway.permissions import forbidden
 from rucher.gateway.routes.qemu import _record, _task
@@ -116,22 +114,17 @@ async def snapshot_config(call: Call) -> dict[str, Any]:
 async def update_snapshot_config(call: Call) -> None:
     """Change a snapshot's description."""
     p = call.params
-    snapname = p["snapname"]
-    _section(await _record(call), snapname)
-    description = p["description"]
-    if description is None:
+    _section(await _record(call), p["snapname"])
+    if p["description"] is None:
         return
-
-    def change(record: GuestRecord) -> GuestRecord:
-        section = record.snapshots.get(snapname)
-        if section is None:
-            raise ParamError({"snapname": f"snapshot '{snapname}' does not exist"})
-        updated = {**section, "description": description}
-        if not description:
-            updated.pop("description")
-        return msgspec.structs.replace(record, snapshots={**record.snapshots, snapname: updated})
-
-    await call.gateway.guests.rewrite(p["vmid"], change)
+    command = call.command(
+        compute.VmSnapshotUpdate,
+        vmid=p["vmid"],
+        user=call.authid,
+        snapname=p["snapname"],
+        description=p["description"],
+    )
+    await call.ask(compute.SNAPSHOT_UPDATE.to(node=p["node"]), command)
 
 
 @ROUTES("POST", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/rollback")
