@@ -141,13 +141,18 @@ async def test_passthrough_binds_the_whole_group_and_release_restores_drivers(tm
     assert node.events.ended == [(lease.lease_id, ReleaseReason.GUEST_STOPPED)]
 
 
-async def test_a_retry_for_the_same_slot_gets_the_same_lease(tmp_path):
+async def test_a_retry_gets_the_same_lease_and_a_taken_slot_is_refused(tmp_path):
     node = synthetic_node(tmp_path)
     broker = node.broker()
     await broker.reconcile()
-    first = await broker.allocate(request(GpuKind.PASSTHROUGH, address="0000:41:00.0"))
-    again = await broker.allocate(request(GpuKind.PASSTHROUGH, address="0000:41:00.0"))
+    command = request(GpuKind.PASSTHROUGH, address="0000:41:00.0")
+    first = await broker.allocate(command)
+    again = await broker.allocate(command)
     assert again.lease == first.lease and len(node.store.leases) == 1
+    with pytest.raises(RucherError) as taken:  # another request for the same guest slot
+        await broker.allocate(request(GpuKind.MDEV, mdev_type="nvidia-1155"))
+    assert taken.value.code is ErrorCode.EXISTS and "release it first" in taken.value.message
+    assert node.kernel.mdevs() == []
 
 
 async def test_an_incomplete_iommu_group_is_refused_and_nothing_is_bound(tmp_path):

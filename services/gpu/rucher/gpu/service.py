@@ -168,17 +168,18 @@ class GpuBroker:
     # Allocation --------------------------------------------------------------------------------
 
     async def allocate(self, command: DeviceAllocate) -> DeviceAllocation:
-        """Lease a device to a guest; a retry for the same guest slot gets the same lease."""
+        """Lease a device to a guest; a retry (same ``command_id``) gets the same lease."""
         async with self.lock:
             for lease in self.view.leases.values():
                 if lease.vmid == command.vmid and lease.slot == command.slot:
-                    if lease.kind is not command.kind:
-                        raise _refuse(
-                            f"{describe(lease)} already holds a {lease.kind.value} lease",
-                            "slot",
-                            ErrorCode.EXISTS,
-                        )
-                    return _allocation(lease)
+                    if lease.command_id == command.command_id:
+                        return _allocation(lease)
+                    raise _refuse(
+                        f"{describe(lease)} already holds a {lease.kind.value} lease "
+                        f"({lease.address}): release it first",
+                        "slot",
+                        ErrorCode.EXISTS,
+                    )
             await self.refresh()
             candidates = await self._candidates(command)
             if command.kind is GpuKind.MIG:
