@@ -214,6 +214,69 @@ class ManagerStatus(msgspec.Struct, frozen=True, kw_only=True):
     disarm_mode: DisarmMode | None = None
 
 
+class HaServiceRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One service in the manager's whole state: what a newly elected manager takes over.
+
+    ``state`` is the manager's state (``request_start_balance`` included), ``cmd`` a queued
+    command (``["migrate", "n2"]``, ``["stop", "0"]``), ``uid`` the id the LRM reports under.
+    """
+
+    state: str
+    node: str
+    uid: str = ""
+    target: str | None = None
+    timeout: int | None = None
+    failed_nodes: tuple[str, ...] | None = None
+    maintenance_node: str | None = None
+    cmd: tuple[str, ...] | None = None
+    running: bool = False
+
+
+class HaDisarmRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``disarm-ha`` in progress: its mode and how far it got."""
+
+    mode: str
+    applied: bool = False
+    disarmed: bool = False
+    rearm: bool = False
+
+
+class HaManagerState(msgspec.Struct, frozen=True, kw_only=True):
+    """The manager's whole state under ``manager_state`` in the ``ha`` bucket (every round).
+
+    ``node_epochs`` holds the fencing token of each node's lease as the manager saw it: a node
+    whose LRM got a new lease acts only on a state that names its new token, so it never acts on
+    decisions taken before it was fenced.
+    """
+
+    master_node: str
+    manager_token: LeaseToken
+    timestamp: float
+    node_status: dict[str, str] = {}
+    service_status: dict[str, HaServiceRecord] = {}
+    node_request: dict[str, dict[str, bool]] = {}
+    disarm: HaDisarmRecord | None = None
+    node_epochs: dict[str, int] = {}
+
+
+class HaLrmResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The outcome of one command an LRM ran (Proxmox's exit codes)."""
+
+    sid: str
+    state: str
+    exit_code: int
+
+
+class HaLrmStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A node's LRM status under ``lrm.{node}`` in the ``ha`` bucket, written every round."""
+
+    node: NodeName
+    state: str
+    mode: str = "active"
+    results: dict[str, HaLrmResult] = {}
+    timestamp: float = 0.0
+
+
 class ServiceStateChanged(Event, frozen=True, kw_only=True, tag="ha.service.state_changed"):
     """An HA service changed state, on ``service_node`` (towards ``target`` when moving)."""
 

@@ -1,36 +1,61 @@
 """The HA service on one node: ``python -m rucher.ha``.
 
-Composition root of the live node part: read the settings, follow the HA guest set, hold the
-node's lease under the watchdog (with its guard process) until the service stops. The elected
-manager's live environment is not wired here yet; the decision core runs in the simulator.
+Composition root: read the settings, follow the HA guest set, hold the node's lease under the
+watchdog (with its guard process), follow the cluster store, then run the CRM (the elected
+manager's rounds) and the LRM (this node's guests) over the live environment until stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 from importlib import metadata
 
+import nats.errors
+
 from rucher.ha.config import HaNodeSettings
+from rucher.ha.handlers import follow_capacity
 from rucher.ha.lease import start_node_watchdog
+from rucher.ha.live.actions import ClusterActions
+from rucher.ha.live.cache import ClusterCache, node_holder
+from rucher.ha.live.settings import LiveSettings
+from rucher.ha.service import HaService
 from rucher.service import ServiceContext, main
 
 VERSION = metadata.version("rucher-ha")
 
 
 async def setup(context: ServiceContext) -> None:
-    """Start the node lease and its watchdog; stop them with the service."""
+    """Hold the node lease under the watchdog, follow the store, then run the rounds."""
     settings = HaNodeSettings.from_env(context.settings)
+    live = LiveSettings.from_env()
+    bus = context.bus
     watchdog, guests = await start_node_watchdog(
-        context.bus,
+        bus,
         settings.watchdog,
-        holder=f"{context.settings.node}:{context.instance.instance}",
+        holder=node_holder(bus.node),
         state_dir=context.settings.state_dir,
     )
+    # Stopped last: with HA guests still running here its guard kills them on the way out.
+    context.on_stop(watchdog.stop)
+    context.on_stop(guests.stop)
+    cache = ClusterCache(bus)
+    await cache.start()
+    context.on_stop(cache.stop)
+    actions = ClusterActions(
+        bus, lease_ttl=settings.watchdog.lease_ttl, epoch=lambda: watchdog.epoch
+    )
+    service = HaService(
+        node=bus.node, cache=cache, actions=actions, epoch=lambda: watchdog.epoch, settings=live
+    )
+    subscription = await follow_capacity(bus, service)
 
-    async def stop() -> None:
-        await watchdog.stop()
-        await guests.stop()
+    async def unsubscribe() -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await subscription.unsubscribe()
 
-    context.on_stop(stop)
+    context.on_stop(unsubscribe)
+    await service.start()
+    context.on_stop(service.stop)
 
 
 if __name__ == "__main__":

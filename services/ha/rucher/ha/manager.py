@@ -10,6 +10,7 @@ targets come from :func:`select_service_node` over the shared CRS scores.
 from __future__ import annotations
 
 import itertools
+import secrets
 
 from rucher.ha import disarm, transitions
 from rucher.ha.env import HaEnvironment
@@ -52,11 +53,13 @@ VALID_STATES = frozenset(
     }
 )
 _uids = itertools.count(1)
+# Command ids must stay unique across manager fail-overs (each manager is its own process).
+_RUN = secrets.token_hex(4)
 
 
 def new_uid(state: str) -> str:
     """A fresh command id: the LRM reports each command's result under it."""
-    return f"{state}-{next(_uids)}"
+    return f"{state}-{_RUN}-{next(_uids)}"
 
 
 class Manager:
@@ -87,6 +90,7 @@ class Manager:
     def update_crs_mode(self) -> None:
         """Read the datacenter settings; log a scheduler mode change."""
         self.settings = self.env.cluster_settings()
+        self.ns.fence_delay = self.settings.fence_delay
         new = self.settings.crs_mode
         if self.scheduler is None:
             if new != "basic":

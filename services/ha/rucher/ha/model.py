@@ -126,6 +126,9 @@ class ClusterSettings:
     auto_rebalance_threshold: float = 0.3
     auto_rebalance_margin: float = 0.1
     auto_rebalance_hold: int = 3
+    # Seconds a node must be out of the quorate partition before its services are fenced
+    # (Proxmox: 60). The live service lowers it: its fence needs the node's lease expired anyway.
+    fence_delay: float = 60.0
 
 
 @dataclass(frozen=True)

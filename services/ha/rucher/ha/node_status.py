@@ -21,6 +21,7 @@ class NodeStatus:
         self.env = env
         self.status = status
         self.last_online: dict[str, float] = {}
+        self.fence_delay = FENCE_DELAY
 
     def get_node_state(self, node: str) -> str:
         """The node's state; a node never seen is ``unknown``."""
@@ -34,8 +35,13 @@ class NodeStatus:
         """Whether the node is online or in maintenance (still a working member)."""
         return self.get_node_state(node) in ("online", "maintenance")
 
-    def node_is_offline_delayed(self, node: str, delay: float = FENCE_DELAY) -> bool:
-        """Whether the node has been out of the quorate partition for at least ``delay``."""
+    def node_is_offline_delayed(self, node: str, delay: float | None = None) -> bool:
+        """Whether the node has been out of the quorate partition for at least ``delay``.
+
+        Without ``delay``, the fence delay (``FENCE_DELAY`` unless the settings change it).
+        """
+        if delay is None:
+            delay = self.fence_delay
         if self.get_node_state(node) == "online":
             return False
         now = self.env.now()

@@ -1,0 +1,42 @@
+"""The HA service's subscriptions: node capacity events, last per node first, then live.
+
+The status the API shows (``/cluster/ha/status/current`` and ``manager_status``) is read by the
+gateway straight from the ``ha`` bucket, where the elected manager writes it every round: it
+needs no request/reply subject here.
+"""
+
+from __future__ import annotations
+
+import structlog
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.client import JetStreamContext
+
+from rucher.bus import Bus, RucherError
+from rucher.bus.codec import decode
+from rucher.ha.service import HaService
+from rucher.proto.cluster import NODE_CAPACITY_PUBLISHED
+from rucher.proto.streams import EVENTS
+
+log = structlog.get_logger("rucher.ha.handlers")
+
+
+async def follow_capacity(bus: Bus, service: HaService) -> JetStreamContext.PushSubscription:
+    """Feed every node's published capacity to the service."""
+
+    async def on_capacity(msg: Msg) -> None:
+        try:
+            event = decode(msg.data, NODE_CAPACITY_PUBLISHED.payload)
+        except RucherError:
+            log.warning("event_unreadable", subject=msg.subject)
+            return
+        service.capacity_published(event.capacity)
+
+    return await bus.js.subscribe(
+        NODE_CAPACITY_PUBLISHED.wildcard(),
+        stream=EVENTS.name,
+        cb=on_capacity,
+        ordered_consumer=True,
+        deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+        inactive_threshold=300.0,
+    )

@@ -1,0 +1,232 @@
+"""What the HA rounds do to the cluster: locks, documents, and the node's compute agent.
+
+Every method is a coroutine run on the service's event loop; the rounds (in worker threads)
+call them through :class:`~rucher.ha.live.env.LiveEnv`. The manager lock is a lease; a fence is
+taking the dead node's own lease once it has expired (its watchdog killed its HA guests before
+that, see ``services/ha/README.md``); a recovered guest changes owner in the guest registry
+under the fence's token; an HA start carries the node lease's current token, which the agent
+checks just before it starts QEMU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import msgspec
+import structlog
+
+from rucher.bus import KV, Bus, RucherError
+from rucher.bus.client import new_id
+from rucher.guests import GuestRegistry
+from rucher.ha.live.cache import MANAGER_STATE, lrm_key
+from rucher.ha.watchdog import node_lease_name
+from rucher.haconfig import HaConfigStore
+from rucher.leases import Lease
+from rucher.proto import compute
+from rucher.proto.common import PowerState
+from rucher.proto.errors import ErrorCode
+from rucher.proto.ha import (
+    CrmRequest,
+    HaLrmStatus,
+    HaManagerState,
+    HaResources,
+    ManagerStatus,
+    RequestedState,
+)
+from rucher.proto.streams import HA
+from rucher.proto.task import TaskAccepted, TaskStatus
+from rucher.tasks import TaskStore
+
+log = structlog.get_logger("rucher.ha.live.actions")
+
+USER = "root@pam"
+MANAGER_LEASE = "ha-manager"
+TASK_POLL = 0.1
+
+
+class ActionError(Exception):
+    """A resource action failed; the message is readable in the HA log."""
+
+
+class ClusterActions:
+    """Locks, writes and agent calls for one node's HA service."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        lease_ttl: float,
+        epoch: Callable[[], int | None],
+        task_timeout: float = 120.0,
+    ) -> None:
+        self.bus = bus
+        self.node = bus.node
+        self.lease_ttl = lease_ttl
+        self.epoch = epoch
+        self.task_timeout = task_timeout
+        self.store = HaConfigStore(bus)
+        self.registry = GuestRegistry(bus)
+        self.tasks = TaskStore(bus)
+        self.manager_kv: KV[HaManagerState] = KV(bus, HA, HaManagerState)
+        self.lrm_kv: KV[HaLrmStatus] = KV(bus, HA, HaLrmStatus)
+        self.manager_lease = Lease.named(bus, MANAGER_LEASE, holder=self.node, ttl=lease_ttl)
+        self.fences: dict[str, Lease] = {}
+
+    # --- locks -----------------------------------------------------------------------------
+
+    async def manager_lock(self) -> bool:
+        """Take or renew the manager lease."""
+        lease = self.manager_lease
+        if lease.token is not None:
+            try:
+                await lease.renew()
+            except RucherError as err:
+                if err.code is ErrorCode.STALE_TOKEN:
+                    return False
+                return lease.held  # NATS failing over: still ours by the conservative clock
+            return True
+        return await lease.try_acquire()
+
+    async def release_manager_lock(self) -> bool:
+        """Give the manager lease up."""
+        await self.manager_lease.release()
+        return True
+
+    @property
+    def manager_token(self) -> int:
+        """The manager lease's fencing token while held (0 otherwise)."""
+        return self.manager_lease.token or 0
+
+    async def fence(self, node: str) -> bool:
+        """Take ``node``'s HA lease: possible only once it expired, i.e. the node is fenced.
+
+        The lease is kept (not renewed) so the node cannot take it back before this round's
+        decisions are written; it runs out one TTL later.
+        """
+        held = self.fences.get(node)
+        if held is not None and held.held:
+            return True
+        lease = Lease.named(
+            self.bus, node_lease_name(node), holder=f"{self.node}/ha-manager", ttl=self.lease_ttl
+        )
+        if not await lease.try_acquire():
+            return False
+        self.fences[node] = lease
+        log.warning("ha_node_fenced", member=node, token=lease.token)
+        return True
+
+    def fence_token(self, node: str) -> int:
+        """The token under which ``node`` was fenced (0 when it was not)."""
+        lease = self.fences.get(node)
+        return lease.token or 0 if lease is not None else 0
+
+    # --- documents -------------------------------------------------------------------------
+
+    async def write_manager_state(self, record: HaManagerState, status: ManagerStatus) -> None:
+        """Publish the manager's whole state and the Proxmox-visible status."""
+        await self.manager_kv.put(MANAGER_STATE, record)
+        await self.store.publish_status(status)
+
+    async def write_lrm_status(self, record: HaLrmStatus) -> None:
+        """Publish this node's LRM status."""
+        await self.lrm_kv.put(lrm_key(self.node), record)
+
+    async def set_requested_state(self, sid: str, state: str) -> None:
+        """Change a resource's requested state (the manager's ``stop`` command)."""
+
+        def change(document: HaResources) -> HaResources:
+            resource = document.resources.get(sid)
+            if resource is None:
+                return document
+            updated = msgspec.structs.replace(resource, state=RequestedState(state))
+            return HaResources(resources={**document.resources, sid: updated})
+
+        await self.store.change_resources(change)
+
+    async def steal(self, vmid: int, from_node: str, to_node: str) -> None:
+        """Move a fenced node's guest to its recovery node in the guest registry."""
+        await self.registry.transfer(
+            vmid, from_node=from_node, to_node=to_node, token=self.fence_token(from_node)
+        )
+
+    async def take_requests(self, requests: list[CrmRequest]) -> None:
+        """Delete queued requests the manager has read."""
+        for request in requests:
+            try:
+                await self.store.take_request(request)
+            except RucherError as err:
+                log.warning("ha_request_not_taken", request=request.id, error=err.message)
+
+    # --- the node's compute agent ----------------------------------------------------------
+
+    async def power_state(self, vmid: int) -> PowerState | None:
+        """The guest's state on this node (None when this node's agent does not have it)."""
+        try:
+            report = await self.bus.request(
+                compute.GUEST_STATUS.to(node=self.node),
+                compute.VmStatusQuery(vmid=vmid),
+                timeout=5.0,
+            )
+        except RucherError as err:
+            if err.code is ErrorCode.NOT_FOUND:  # not this node's guest
+                return None
+            raise
+        return report.status
+
+    async def _run_task(self, what: str, upid: str) -> None:
+        deadline = time.monotonic() + self.task_timeout
+        while True:
+            state = await self.tasks.get(upid)
+            if state.status is TaskStatus.STOPPED:
+                if state.exitstatus != "OK":
+                    raise ActionError(f"{what}: {state.exitstatus}")
+                return
+            if time.monotonic() > deadline:
+                raise ActionError(f"{what}: task {upid} still running")
+            await asyncio.sleep(TASK_POLL)
+
+    async def start(self, vmid: int) -> None:
+        """Start the guest here under this node's current lease token."""
+        epoch = self.epoch()
+        if epoch is None:
+            raise ActionError("this node holds no HA lease")
+        command = compute.VmStart(
+            command_id=new_id(),
+            vmid=vmid,
+            user=USER,
+            fence_lease=node_lease_name(self.node),
+            fence_epoch=epoch,
+        )
+        reply = await self.bus.request(
+            compute.GUEST_START.to(node=self.node), command, timeout=30.0
+        )
+        await self._run_task("start", reply.upid)
+
+    async def shutdown(self, vmid: int, timeout: int | None) -> None:
+        """Stop the guest here: at once with timeout 0, else ACPI then force after ``timeout``."""
+        reply: TaskAccepted
+        if timeout == 0:
+            command = compute.VmStop(command_id=new_id(), vmid=vmid, user=USER)
+            reply = await self.bus.request(
+                compute.GUEST_STOP.to(node=self.node), command, timeout=30.0
+            )
+        else:
+            shutdown = compute.VmShutdown(
+                command_id=new_id(), vmid=vmid, user=USER, timeout=timeout, force_stop=True
+            )
+            reply = await self.bus.request(
+                compute.GUEST_SHUTDOWN.to(node=self.node), shutdown, timeout=30.0
+            )
+        await self._run_task("shutdown", reply.upid)
+
+    async def migrate(self, vmid: int, target: str, online: bool) -> None:
+        """Move the guest to ``target`` (live when ``online``)."""
+        command = compute.VmMigrate(
+            command_id=new_id(), vmid=vmid, user=USER, target=target, online=online
+        )
+        reply = await self.bus.request(
+            compute.GUEST_MIGRATE.to(node=self.node), command, timeout=30.0
+        )
+        await self._run_task("migrate", reply.upid)

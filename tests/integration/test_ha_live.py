@@ -1,0 +1,239 @@
+"""The live HA environment over a real nats-server: three in-process nodes, stand-in agents.
+
+Each node runs the real cache, actions, CRM and LRM loops with its node lease held by a small
+renewer (the real watchdog needs libvirt and a guard process; the harness tests run it). Each
+node's stand-in compute agent answers status, start and stop on the bus and checks the fencing
+token and the registry's owner like the real one. A node "dies" when its lease stops being
+renewed and its loops stop: its guests must be recovered on the others, each exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from rucher.bus import Bus, RucherError
+from rucher.guests import GuestRegistry
+from rucher.ha.live.actions import ClusterActions
+from rucher.ha.live.cache import ClusterCache, node_holder
+from rucher.ha.live.settings import LiveSettings
+from rucher.ha.service import HaService
+from rucher.ha.watchdog import node_lease_name
+from rucher.haconfig import HaConfigStore
+from rucher.leases import Lease, check_token
+from rucher.proto import compute
+from rucher.proto.common import PowerState
+from rucher.proto.errors import ErrorCode
+from rucher.proto.guest import GuestType
+from rucher.proto.ha import HaResource, HaResources, ServiceState
+from rucher.proto.keys import make_key
+from rucher.proto.task import TaskAccepted, TaskState, TaskStatus
+from rucher.tasks import TaskStore, UpidMinter
+
+from .buses import connected, until
+
+pytestmark = pytest.mark.integration
+
+NODES = ("n1", "n2", "n3")
+TTL = 3.0
+SETTINGS = LiveSettings(round_interval=0.5, min_gap=0.05)
+
+
+@dataclass
+class World:
+    """Which node runs which guest, and every time a guest was started twice."""
+
+    running: dict[int, set[str]] = field(default_factory=dict)
+    double_runs: list[tuple[int, str, set[str]]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
+class StandInAgent:
+    """A node's compute agent reduced to status, start and stop, checking tokens and owner."""
+
+    def __init__(self, bus: Bus, world: World) -> None:
+        self.bus = bus
+        self.node = bus.node
+        self.world = world
+        self.tasks = TaskStore(bus)
+        self.minter = UpidMinter(self.node)
+        self.registry = GuestRegistry(bus)
+        self.alive = True
+
+    async def serve(self) -> None:
+        """Answer on this node's subjects."""
+        await self.bus.serve(compute.GUEST_STATUS, self.status, node=self.node)
+        await self.bus.serve(compute.GUEST_START, self.start, node=self.node)
+        await self.bus.serve(compute.GUEST_STOP, self.stop, node=self.node)
+
+    async def _owned(self, vmid: int) -> None:
+        if not self.alive:
+            raise RucherError(ErrorCode.UNAVAILABLE, "dead")
+        record = await self.registry.get(vmid)
+        if record.node != self.node:
+            raise RucherError(ErrorCode.NOT_FOUND, f"VM {vmid} is not on {self.node}")
+
+    async def status(self, query: compute.VmStatusQuery, _: object) -> compute.VmStatusReport:
+        await self._owned(query.vmid)
+        running = self.node in self.world.running.get(query.vmid, set())
+        state = PowerState.RUNNING if running else PowerState.STOPPED
+        return compute.VmStatusReport(vmid=query.vmid, status=state)
+
+    async def _done(self, kind: str, vmid: int) -> TaskAccepted:
+        upid = self.minter.mint(kind, str(vmid), "root@pam")
+        await self.tasks.create(
+            TaskState(
+                upid=str(upid),
+                node=self.node,
+                pid=upid.pid,
+                pstart=upid.pstart,
+                starttime=upid.starttime,
+                type=kind,
+                id=str(vmid),
+                user="root@pam",
+                worker="test",
+                status=TaskStatus.STOPPED,
+                exitstatus="OK",
+            )
+        )
+        return TaskAccepted(upid=str(upid))
+
+    async def start(self, command: compute.VmStart, _: object) -> TaskAccepted:
+        await self._owned(command.vmid)
+        assert command.fence_lease == node_lease_name(self.node)
+        assert command.fence_epoch is not None
+        try:
+            await check_token(self.bus, make_key(command.fence_lease), command.fence_epoch)
+        except RucherError:
+            self.world.refused.append(f"{self.node}:{command.vmid}")
+            raise
+        nodes = self.world.running.setdefault(command.vmid, set())
+        if nodes - {self.node}:
+            self.world.double_runs.append((command.vmid, self.node, set(nodes)))
+        nodes.add(self.node)
+        return await self._done("qmstart", command.vmid)
+
+    async def stop(self, command: compute.VmStop, _: object) -> TaskAccepted:
+        await self._owned(command.vmid)
+        self.world.running.get(command.vmid, set()).discard(self.node)
+        return await self._done("qmstop", command.vmid)
+
+
+@dataclass
+class LiveNode:
+    """One in-process node: its lease, cache, service and stand-in agent."""
+
+    name: str
+    bus: Bus
+    lease: Lease
+    cache: ClusterCache
+    service: HaService
+    agent: StandInAgent
+
+    def epoch(self) -> int | None:
+        """The node lease's token while held."""
+        return self.lease.token if self.lease.held else None
+
+    async def die(self, world: World) -> None:
+        """Stop renewing and acting, and lose the node's guests (as a crash does)."""
+        self.agent.alive = False
+        await self.lease._stop_keeper()
+        await self.service.stop()
+        await self.cache.stop()
+        for nodes in world.running.values():
+            nodes.discard(self.name)
+
+
+@contextlib.asynccontextmanager
+async def live_node(url: str, name: str, world: World) -> AsyncIterator[LiveNode]:
+    """Start one node's HA parts."""
+    async with (
+        connected(url, node=name, service="ha") as bus,
+        connected(url, node=name, service="compute") as agent_bus,
+    ):
+        agent = StandInAgent(agent_bus, world)
+        await agent.serve()
+        lease = Lease.named(bus, node_lease_name(name), holder=node_holder(name), ttl=TTL)
+        assert await lease.try_acquire()
+        lease.keep(every=0.3)
+        cache = ClusterCache(bus)
+        await cache.start()
+        node: LiveNode | None = None
+
+        def epoch() -> int | None:
+            return node.epoch() if node is not None else None
+
+        actions = ClusterActions(bus, lease_ttl=TTL, epoch=epoch, task_timeout=10)
+        service = HaService(node=name, cache=cache, actions=actions, epoch=epoch, settings=SETTINGS)
+        node = LiveNode(name, bus, lease, cache, service, agent)
+        await service.start()
+        try:
+            yield node
+        finally:
+            await service.stop()
+            await cache.stop()
+            await lease.release()
+
+
+async def test_guests_of_a_dead_node_run_again_elsewhere_exactly_once(nats_server):
+    world = World()
+    base = 800_000 + secrets.randbelow(90_000)
+    vmids = [base + i for i in range(4)]
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = {
+            name: await stack.enter_async_context(live_node(nats_server.url, name, world))
+            for name in NODES
+        }
+        bus = nodes["n3"].bus
+        registry = GuestRegistry(bus)
+        for index, vmid in enumerate(vmids):
+            await registry.register(
+                guest_type=GuestType.QEMU,
+                node=NODES[index % 2],  # n1 and n2
+                config={"memory": "128"},
+                vmid=vmid,
+                lock=None,
+            )
+        await HaConfigStore(bus).change_resources(
+            lambda _: HaResources(resources={f"vm:{v}": HaResource(sid=f"vm:{v}") for v in vmids})
+        )
+
+        def all_started() -> bool:
+            return all(len(world.running.get(v, set())) == 1 for v in vmids)
+
+        await until(all_started, timeout=30, every=0.1)
+        status = await HaConfigStore(bus).manager_status()
+        assert status is not None
+        assert {s.state for s in status.service_status.values()} == {ServiceState.STARTED}
+        on_n1 = [v for v in vmids if world.running[v] == {"n1"}]
+        assert len(on_n1) == 2
+
+        killed = time.monotonic()
+        await nodes["n1"].die(world)
+
+        def recovered() -> bool:
+            return all(world.running.get(v, set()) & {"n2", "n3"} for v in on_n1)
+
+        took = await until(recovered, timeout=TTL * 5, every=0.05)
+        # Not before the dead node's lease expired, which is the proof it is fenced.
+        assert time.monotonic() - killed >= TTL - 0.6 - 0.1
+        assert took < TTL * 3
+        assert world.double_runs == []
+        for vmid in on_n1:
+            record = await registry.get(vmid)
+            assert record.node in ("n2", "n3") and world.running[vmid] == {record.node}
+
+        async def published() -> bool:
+            status = await HaConfigStore(bus).manager_status()
+            return status is not None and all(
+                status.service_status[f"vm:{v}"].node != "n1"
+                and status.service_status[f"vm:{v}"].state is ServiceState.STARTED
+                for v in on_n1
+            )
+
+        await until(published, timeout=10, every=0.1)
