@@ -76,7 +76,7 @@ def test_one_guest_on_two_nodes_fails_the_checker(two_nodes):
     assert len(runs) == 1 and set(runs[0].nodes) == {"a", "b"}
     with pytest.raises(AssertionError, match=f"split brain: {guest} ran on"):
         checker.assert_no_double_runs()
-    assert checker.max_gap < 0.1
+    assert checker.max_gap < 1.0  # sampled every 50 ms; a busy machine may delay a sample
 
 
 def test_a_hand_over_between_nodes_passes(two_nodes):

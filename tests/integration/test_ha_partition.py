@@ -58,7 +58,7 @@ async def test_a_cut_off_node_kills_its_ha_guest_before_its_lease_expires(harnes
     vmid = 800_000 + secrets.randbelow(99_999)
     guest = f"rucher-{vmid}"
     for node in (a, b):
-        node.start_service("ha", [sys.executable, "-m", "rucher.ha"], TIMING)
+        node.start_service("ha", [sys.executable, "-m", "rucher.ha.nodewatch"], TIMING)
     async with connected([b.url, harness.node("n3").url], node="n2", service="test") as bus:
         key = make_key(node_lease_name("n1"))
 
@@ -114,8 +114,11 @@ async def test_a_cut_off_node_kills_its_ha_guest_before_its_lease_expires(harnes
         # n1 killed it after the cut and before its lease expired for n2 and n3.
         assert cut_at < killed.gone_by < expired_at[0], (cut_at, killed.gone_by, expired_at)
         checker.assert_no_double_runs()
-        assert checker.max_gap < 0.1
+        # Sampled every 50 ms; a busy 2-core machine may deschedule the sampler for a while
+        # (strict checking stays conservative across a gap: a process counts until unseen).
+        assert checker.max_gap < 1.0
         print(
             f"cut->killed {killed.gone_by - cut_at:.2f} s, "
-            f"killed->lease expired {expired_at[0] - killed.gone_by:.2f} s"
+            f"killed->lease expired {expired_at[0] - killed.gone_by:.2f} s, "
+            f"largest sampling gap {checker.max_gap * 1000:.0f} ms"
         )

@@ -180,6 +180,9 @@ def test_guard_lines():
     assert state.apply(encode_arm(5.0, 8.0, frozenset({3, 1})).decode())
     assert (state.kill_at, state.expiry, state.vmids) == (5.0, 8.0, {1, 3})
     assert not state.due(4.9) and state.due(5.0)
+    state.killed = True
+    assert state.apply(encode_arm(5.0, 8.0, frozenset({3})).decode()) and not state.due(6.0)
+    assert state.apply(encode_arm(7.0, 9.0, frozenset({3})).decode()) and state.due(7.0)
     assert state.apply(encode_arm(5.0, 8.0, frozenset()).decode()) and state.vmids == set()
     assert not state.apply("disarm")
     with pytest.raises(ValueError, match="unreadable"):

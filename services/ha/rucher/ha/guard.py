@@ -50,9 +50,11 @@ class GuardState:
             return False
         if parts[0] != "arm" or len(parts) != 4:
             raise ValueError(f"unreadable guard line: {line!r}")
-        self.kill_at, self.expiry = float(parts[1]), float(parts[2])
+        kill_at, self.expiry = float(parts[1]), float(parts[2])
         self.vmids = frozenset() if parts[3] == "-" else frozenset(map(int, parts[3].split(",")))
-        self.killed = False
+        if kill_at != self.kill_at:
+            # A new deadline (a renewal, or a new lease): kill once more when it passes.
+            self.kill_at, self.killed = kill_at, False
         return True
 
     def due(self, now: float) -> bool:
