@@ -214,11 +214,23 @@ async def test_a_running_vm_snapshots_with_its_ram_grows_a_disk_and_keeps_pendin
         await ok(
             bus,
             compute.GUEST_CONFIG_UPDATE,
-            cmd(compute.VmConfigUpdate, vmid, config={"memory": "256", "name": "renamed"}),
+            cmd(
+                compute.VmConfigUpdate,
+                vmid,
+                config={"memory": "256", "name": "renamed", "scsi1": "local:1,format=qcow2"},
+            ),
         )
         record = await guests.get(vmid)
         assert record.config["name"] == "renamed" and record.config["memory"] == "192"
         assert record.pending == {"memory": "256"}
+        disk1 = local / "images" / str(vmid) / f"vm-{vmid}-disk-1.qcow2"
+        assert record.config["scsi1"].startswith(f"local:{vmid}/vm-{vmid}-disk-1.qcow2")
+        connection = libvirt.open(libvirtd)
+        try:
+            live = connection.lookupByName(f"rucher-{vmid}").XMLDesc(0)
+        finally:
+            connection.close()
+        assert str(disk1) in live  # hot-plugged into the running QEMU
 
         await ok(
             bus, compute.SNAPSHOT_ROLLBACK, cmd(compute.VmSnapshotRollback, vmid, snapname="ram")

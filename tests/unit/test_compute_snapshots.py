@@ -240,7 +240,7 @@ async def test_resize_grows_by_the_storage_when_stopped_and_by_qemu_when_running
 
 
 async def test_a_running_vm_keeps_hardware_changes_pending_until_its_next_start(world):
-    await made(world, scsi0="local:1,format=qcow2")
+    await made(world, scsi0="local:1,format=qcow2", hotplug="0")
     await world.service.start(command(compute.VmStart))
     update = command(
         compute.VmConfigUpdate,
@@ -340,3 +340,28 @@ async def test_a_snapshot_description_is_changed_or_removed(world):
         world, snapshots.update, command(compute.VmSnapshotUpdate, snapname="two")
     )
     assert error.details == {"field": "snapname"}
+
+
+async def test_new_disks_and_nics_are_hot_plugged_and_what_qemu_refuses_stays_pending(world):
+    await made(world, scsi0="local:1,format=qcow2")
+    await world.service.start(command(compute.VmStart))
+    world.hypervisor.refuse_attach = "ua-virtio0"
+    update = command(
+        compute.VmConfigUpdate,
+        config={
+            "scsi1": "local:1,format=qcow2",
+            "virtio0": "local:1,format=qcow2",
+            "net1": "e1000,bridge=vmbr0",
+            "memory": "512",
+        },
+    )
+    await world.service.update_config(update)
+    assert world.tasks.ended[-1] == ("qmconfig", "OK")
+    record = world.guests.records[100]
+    assert record.config["scsi1"] == f"{DISK1},size=1G"
+    assert record.config["net1"].startswith("e1000=BC:24:11:")
+    assert set(record.pending) == {"virtio0", "memory"}
+    attached = [xml for call, xml in world.hypervisor.calls if call == "attach_device"]
+    assert len(attached) == 2
+    assert "ua-scsi1" in attached[1] and "<boot" not in attached[1]
+    assert "ua-net1" in attached[0]

@@ -88,8 +88,8 @@ def render(
 
 
 def _bookkeeping(key: str) -> bool:
-    """Keys about snapshots and detached volumes (``parent``, ``unusedN``), not the domain."""
-    return key == "parent" or UNUSED_KEY.match(key) is not None
+    """Keys for the agent, not the domain: snapshots, detached volumes, what hot-plugs."""
+    return key in {"parent", "hotplug"} or UNUSED_KEY.match(key) is not None
 
 
 def check_node(config: Mapping[str, str], node: NodeFacts, bridges: frozenset[str]) -> None:

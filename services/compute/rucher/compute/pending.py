@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from rucher.bus import RucherError
-from rucher.compute import admission, disks
+from rucher.compute import admission, disks, hotplug
 from rucher.compute.domain_xml import DISK_KEY, domain_name
 from rucher.compute.snapshots import Undo, run_undo
 from rucher.guests import MODIFIED
@@ -133,6 +133,8 @@ async def update_config(service: ComputeService, command: compute.VmConfigUpdate
                 await run_undo(undo)
         if not running:
             await service.define(updated)
+        else:
+            updated = await hotplug.plug_pending(service, updated, task)
         await _free_unlinked(service, freed, updated, task)
         if running and (updated.pending or updated.pending_delete):
             pending = sorted({*updated.pending, *updated.pending_delete})

@@ -42,6 +42,7 @@ class FakeHypervisor:
     domains_by_name: dict[str, FakeDomain] = field(default_factory=dict)
     refuse_define: str | None = None
     ignore_shutdown: bool = False
+    refuse_attach: str | None = None
     calls: list[tuple[str, str]] = field(default_factory=list)
     secrets: dict[str, bytes] = field(default_factory=dict)
     peers: dict[str, FakeHypervisor] = field(default_factory=dict)
@@ -172,6 +173,13 @@ class FakeHypervisor:
         """Record the live resize."""
         self._running(name)
         self.calls.append(("block_resize", f"{name}:{source}:{size}"))
+
+    async def attach_device(self, name: str, xml: str) -> None:
+        """Record the hot-plug; ``refuse_attach`` makes it fail as QEMU would."""
+        self._running(name)
+        if self.refuse_attach is not None and self.refuse_attach in xml:
+            raise RucherError(ErrorCode.INTERNAL, "libvirt: unable to execute QEMU command")
+        self.calls.append(("attach_device", f"{name}:{xml}"))
 
     async def define_secret(self, usage: str, value: bytes) -> None:
         """Keep the secret's value by usage."""

@@ -109,6 +109,9 @@ class Hypervisor(Protocol):
     async def block_resize(self, name: str, source: str, size: int) -> None:
         """Tell a running domain its disk ``source`` (a path or RBD name) is now ``size`` bytes."""
 
+    async def attach_device(self, name: str, xml: str) -> None:
+        """Hot-plug a device (a ``<disk>`` or ``<interface>`` element) into a running domain."""
+
     async def define_secret(self, usage: str, value: bytes) -> None:
         """Define (or update) the ``ceph`` secret named ``usage`` with ``value`` (the raw key)."""
 

@@ -294,6 +294,12 @@ class LibvirtHypervisor:
 
         await self._call(work)
 
+    async def attach_device(self, name: str, xml: str) -> None:
+        """``attachDeviceFlags`` on the live domain (the next start redefines it from config)."""
+        await self._call(
+            lambda: self._domain(name).attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        )
+
     async def block_resize(self, name: str, source: str, size: int) -> None:
         """Grow with libvirt ``blockResize`` the disk whose source is ``source``, in bytes."""
 
