@@ -2,9 +2,10 @@
 
 Run: .venv/bin/python ops/bench/compute.py [--starts N] [--creates C]
 
-Starts its own nats-server, IAM, gateway, storage service (``local`` in a temporary folder) and
-compute agent on the system libvirtd (``ops/libvirt up``; root), and boots the test guest of
-``ops/build-guest`` (QEMU under TCG when KVM does not work). Then:
+Starts its own nats-server, IAM, gateway, storage service (``local`` in a temporary folder), a
+libvirtd of its own (``rucher.testing.libvirt.NodeDaemon``: a private mount namespace, so no
+other agent on this machine touches its domains; root) and the compute agent on it, and boots
+the test guest of ``ops/build-guest`` (QEMU under TCG when KVM does not work). Then:
 
 - start overhead: one created, stopped VM (64 MiB, a 1 GiB qcow2 disk on ``local``, the test
   kernel booted directly). N rounds alternate two ways of starting it, each timed from the call
@@ -29,11 +30,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from rucher.testing.libvirt import NodeDaemon
 from rucher.testing.nats import NatsServer, free_port
 from rucher.testing.process import ManagedProcess
 
@@ -179,7 +182,9 @@ def vm_params(vmid: int, kernel: Path, initrd: Path) -> dict[str, Any]:
     }
 
 
-async def start_overhead(api: Api, starts: int, kernel: Path, initrd: Path) -> tuple[list, list]:
+async def start_overhead(
+    api: Api, uri: str, starts: int, kernel: Path, initrd: Path
+) -> tuple[list, list]:
     """N API starts and N direct starts of the same VM, alternating; milliseconds each."""
     import libvirt
 
@@ -187,7 +192,7 @@ async def start_overhead(api: Api, starts: int, kernel: Path, initrd: Path) -> t
     await api.task_ok(
         await api.call("POST", f"/nodes/{NODE}/qemu", **vm_params(vmid, kernel, initrd))
     )
-    connection = libvirt.open("qemu:///system")
+    connection = libvirt.open(uri)
     domain = connection.lookupByName(f"rucher-{vmid}")
     via_api: list[float] = []
     direct: list[float] = []
@@ -238,28 +243,41 @@ async def creates(api: Api, count: int, kernel: Path, initrd: Path) -> float:
 
 async def bench(args: argparse.Namespace, root: Path) -> tuple[list[float], list[float], float]:
     """Start the stack, run both measurements, stop the stack."""
-    await asyncio.to_thread(
-        subprocess.run, [str(ROOT / "ops" / "libvirt"), "up"], check=True, capture_output=True
-    )
     kernel, initrd = await asyncio.to_thread(guest_files)
+    daemon = NodeDaemon(root=root / "libvirt", address="127.0.0.1", host_uuid=str(uuid.uuid4()))
+    await asyncio.to_thread(daemon.prepare)
+    libvirtd = ManagedProcess("libvirtd", daemon.argv(), root / "libvirtd.log", {})
     nats = NatsServer(name="bench", store_dir=root / "nats")
     nats.start()
     port = free_port()
     processes = [
+        libvirtd,
         service("iam", root, nats.url, RUCHER_ADMIN_PASSWORD=ADMIN_PASSWORD),
         service("gateway", root, nats.url, RUCHER_GATEWAY_LISTEN=f"127.0.0.1:{port}"),
         service("storage", root, nats.url, RUCHER_STORAGE_LOCAL_PATH=str(root / "local")),
-        service("compute", root, nats.url, RUCHER_LIBVIRT_URI="qemu:///system"),
+        service(
+            "compute",
+            root,
+            nats.url,
+            RUCHER_LIBVIRT_URI=daemon.uri,
+            RUCHER_LIBVIRT_QEMU_PID_DIR=str(daemon.qemu_pid_dir),
+        ),
     ]
     try:
-        for process in processes:
+        libvirtd.start()
+        deadline = time.monotonic() + 30
+        while not daemon.answers():
+            if not libvirtd.alive or time.monotonic() > deadline:
+                raise SystemExit(f"libvirtd did not start:\n{libvirtd.tail_log(30)}")
+            await asyncio.sleep(0.1)
+        for process in processes[1:]:
             process.start()
         base = f"https://127.0.0.1:{port}/api2/json"
         wait_http(f"{base}/access/domains", processes)
         api = Api(base, admin_token(base))
         try:
-            await wait_agents(api, processes[2:])
-            via_api, direct = await start_overhead(api, args.starts, kernel, initrd)
+            await wait_agents(api, processes[3:])
+            via_api, direct = await start_overhead(api, daemon.uri, args.starts, kernel, initrd)
             rate = await creates(api, args.creates, kernel, initrd)
         finally:
             await api.client.aclose()
