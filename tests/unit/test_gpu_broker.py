@@ -22,10 +22,20 @@ from rucher.proto.gpu import (
     PciMapping,
     PciMappingEntry,
     ReleaseReason,
+    VgpuType,
 )
 from rucher.proto.guest import GuestType
 
-from .gpu_hosts import H200_ID, L40S, NODE, NVIDIA, FakeNode, h200_node, synthetic_node
+from .gpu_hosts import (
+    H200_ID,
+    L40S,
+    NODE,
+    NVIDIA,
+    FakeNode,
+    h200_node,
+    h200_nvml,
+    synthetic_node,
+)
 from .test_placement_mig import h200_placements, h200_profiles
 
 PCI = "bus/pci/devices"
@@ -100,6 +110,18 @@ def test_discovery_reads_groups_vfs_and_vgpu_types(tmp_path):
     assert vgpu.mdev_types[0].name == "NVIDIA L40S-12Q"
     assert devices["0000:44:00.0"].sriov_totalvfs == 4
     assert devices["0000:44:00.5"].physfn == "0000:44:00.0"
+
+
+def test_vgpu_types_come_from_nvml_only_under_the_vgpu_host_driver(tmp_path):
+    node = h200_node(tmp_path, gpus=2, mig=False)
+    assert node.nvml is not None
+    assert h200_nvml()["gpus"][0]["supported_vgpus"] == "ERR Not Supported"
+    vgpu = VgpuType(type_id=1234, name="NVIDIA H200-35C", vgpu_class="Compute",
+                    framebuffer=35 << 30, max_instances=4, creatable=True)  # fmt: skip
+    node.nvml.table["0000:41:00.0"].vgpu_types = (vgpu,)
+    devices = {d.address: d for d in discover(node.kernel, node.nvml)[0]}
+    assert devices["0000:00:06.0"].vgpu_types == ()  # the captured host has no vGPU driver
+    assert devices["0000:41:00.0"].vgpu_types == (vgpu,)
 
 
 def test_mig_profiles_come_from_nvml_with_the_real_placements(tmp_path):

@@ -109,6 +109,17 @@ class MdevType(msgspec.Struct, frozen=True, kw_only=True):
     available_instances: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
+class VgpuType(msgspec.Struct, frozen=True, kw_only=True):
+    """A vGPU type NVML reports for a GPU under the NVIDIA vGPU host driver."""
+
+    type_id: Annotated[int, msgspec.Meta(ge=0)]
+    name: str
+    vgpu_class: str = ""
+    framebuffer: ByteSize = 0
+    max_instances: Annotated[int, msgspec.Meta(ge=0)] = 0
+    creatable: bool = False
+
+
 class PciDevice(msgspec.Struct, frozen=True, kw_only=True):
     """One PCI function of a node as discovered, with what NVML adds for NVIDIA GPUs.
 
@@ -139,6 +150,7 @@ class PciDevice(msgspec.Struct, frozen=True, kw_only=True):
     mig_profiles: tuple[MigProfile, ...] = ()
     mig_instances: tuple[MigInstance, ...] = ()
     lease_id: str | None = None
+    vgpu_types: tuple[VgpuType, ...] = ()
 
 
 class GpuInventory(msgspec.Struct, frozen=True, kw_only=True):

@@ -2,8 +2,8 @@
 
 Discovery walks ``bus/pci/devices`` (ids, class, driver, IOMMU group and its members, NUMA
 node, reset methods, SR-IOV, mdev types) and adds what NVML knows about NVIDIA GPUs (UUID,
-memory, MIG mode, profiles with their legal placements, existing instances). Every sysfs or
-NVML call runs in a worker thread.
+memory, MIG mode, profiles with their legal placements, existing instances, and the vGPU types
+of a vGPU host driver). Every sysfs or NVML call runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ import structlog
 
 from rucher.gpu.drivers.interface import Nvml, NvmlError, Sysfs
 from rucher.gpu.pciids import PciNames
-from rucher.proto.gpu import MdevType, MigInstance, MigPlacement, MigProfile, PciDevice
+from rucher.proto.gpu import (
+    MdevType,
+    MigInstance,
+    MigPlacement,
+    MigProfile,
+    PciDevice,
+    VgpuType,
+)
 
 log = structlog.get_logger("rucher.gpu.host")
 
@@ -123,6 +130,11 @@ def discover(
             continue
         profiles: list[MigProfile] = []
         instances: list[MigInstance] = []
+        vgpus: list[VgpuType] = []
+        try:
+            vgpus = nvml.vgpu_types(gpu.address)
+        except NvmlError as err:
+            log.warning("vgpu_types_unreadable", address=gpu.address, error=str(err))
         if gpu.mig_current:
             try:
                 profiles = nvml.mig_profiles(gpu.address)
@@ -138,6 +150,7 @@ def discover(
             mig_pending=gpu.mig_pending,
             mig_profiles=tuple(profiles),
             mig_instances=tuple(instances),
+            vgpu_types=tuple(vgpus),
         )
     return list(devices.values()), nvml.driver_version()
 

@@ -30,7 +30,7 @@ from rucher.gpu.drivers.interface import (
     NvmlGpu,
 )
 from rucher.gpu.drivers.sysfs import HostSysfs
-from rucher.proto.gpu import MigInstance, MigPlacement, MigProfile
+from rucher.proto.gpu import MigInstance, MigPlacement, MigProfile, VgpuType
 
 PCI = "bus/pci/devices"
 DRIVERS = "bus/pci/drivers"
@@ -251,6 +251,7 @@ class FakeGpu:
     mig: bool
     profiles: tuple[MigProfile, ...] = ()
     instances: dict[int, tuple[int, MigPlacement, list[int]]] = field(default_factory=dict)
+    vgpu_types: tuple[VgpuType, ...] = ()
 
 
 class FakeNvml:
@@ -296,6 +297,10 @@ class FakeNvml:
             )
             for gi, (profile, placement, computes) in sorted(gpu.instances.items())
         ]
+
+    def vgpu_types(self, address: str) -> list[VgpuType]:
+        """The vGPU types of a GPU under the vGPU host driver (none otherwise)."""
+        return list(self._gpu(address).vgpu_types)
 
     def create_gpu_instance(self, address: str, profile_id: int, placement: MigPlacement) -> int:
         """Create a GPU instance, refusing illegal, taken or exhausted placements."""

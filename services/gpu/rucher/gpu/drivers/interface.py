@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from rucher.proto.gpu import MigInstance, MigPlacement, MigProfile
+from rucher.proto.gpu import MigInstance, MigPlacement, MigProfile, VgpuType
 
 
 class Sysfs(Protocol):
@@ -74,6 +74,10 @@ class Nvml(Protocol):
 
     def mig_instances(self, address: str) -> list[MigInstance]:
         """The GPU instances that exist, each with its first compute instance."""
+        ...
+
+    def vgpu_types(self, address: str) -> list[VgpuType]:
+        """The vGPU types of the GPU (empty without the vGPU host driver)."""
         ...
 
     def create_gpu_instance(self, address: str, profile_id: int, placement: MigPlacement) -> int:

@@ -12,7 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from rucher.gpu.drivers.interface import NvmlError, NvmlGpu
-from rucher.proto.gpu import MigInstance, MigPlacement, MigProfile
+from rucher.proto.gpu import MigInstance, MigPlacement, MigProfile, VgpuType
 
 MIG_PREFIX = "MIG "
 MAX_PLACEMENTS = 16
@@ -179,6 +179,29 @@ class PynvmlApi:
                     )
                 )
         return sorted(found, key=lambda i: i.gpu_instance_id)
+
+    def vgpu_types(self, address: str) -> list[VgpuType]:
+        """The vGPU types the host driver supports on the GPU, and which can be created now."""
+        handle = self._handle(address)
+        try:
+            supported = list(self._call("nvmlDeviceGetSupportedVgpus", handle))
+        except NvmlError:
+            return []  # no vGPU host driver (NVML answers "not supported")
+        try:
+            creatable = {int(t) for t in self._call("nvmlDeviceGetCreatableVgpus", handle)}
+        except NvmlError:
+            creatable = set()
+        return [
+            VgpuType(
+                type_id=int(type_id),
+                name=_text(self._call("nvmlVgpuTypeGetName", type_id)),
+                vgpu_class=_text(self._call("nvmlVgpuTypeGetClass", type_id)),
+                framebuffer=int(self._call("nvmlVgpuTypeGetFramebufferSize", type_id)),
+                max_instances=int(self._call("nvmlVgpuTypeGetMaxInstances", handle, type_id)),
+                creatable=int(type_id) in creatable,
+            )
+            for type_id in supported
+        ]
 
     def _gpu_instance(self, address: str, gpu_instance: int) -> Any:
         return self._call("nvmlDeviceGetGpuInstanceById", self._handle(address), gpu_instance)
