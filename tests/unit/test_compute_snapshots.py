@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from rucher.bus import RucherError
@@ -12,6 +13,7 @@ from rucher.proto import compute
 from rucher.proto.common import PowerState
 from rucher.proto.compute import CloneFormat
 from rucher.proto.errors import ErrorCode
+from rucher.proto.guest import GuestLock
 
 from .test_compute_service import World, command, create, world  # noqa: F401 - fixture
 
@@ -216,6 +218,15 @@ async def test_clone_refusals_name_the_field_and_a_failed_clone_leaves_nothing(w
     assert 101 not in world.guests.records
     assert not [volid for volid in world.volumes.volumes if "101" in volid]
     assert domain_name(101) not in world.hypervisor.domains_by_name
+    assert world.guests.records[100].lock is None  # the source's clone lock is released
+    world.volumes.refuse_clone = None
+    assert await run(world, clone.clone, command(compute.VmClone, newid=101)) == "OK"
+    assert world.guests.records[100].lock is None and world.guests.records[101].lock is None
+    world.guests.records[100] = msgspec.structs.replace(
+        world.guests.records[100], lock=GuestLock.BACKUP
+    )
+    error = await refused(world, clone.clone, command(compute.VmClone, newid=102))
+    assert error.code is ErrorCode.LOCKED and 102 not in world.guests.records
 
 
 async def test_resize_grows_by_the_storage_when_stopped_and_by_qemu_when_running(world):

@@ -109,11 +109,17 @@ async def clone(service: ComputeService, command: compute.VmClone) -> TaskAccept
         if "media=cdrom" not in config[key].split(",")[1:]
     }
     initial = {key: value for key, value in config.items() if key not in cloned}
+    # A template's bases never change, so templates are cloned concurrently; a VM is locked.
+    release: Undo = []
+    if not is_template(record.config):
+        await service.guests.set_lock(command.vmid, GuestLock.CLONE)
+        release.append(lambda: service.guests.clear_lock(command.vmid, GuestLock.CLONE))
     try:
         await service.guests.register(
             guest_type=GuestType.QEMU, node=service.node, config=initial, vmid=command.newid
         )
     except RucherError as taken:
+        await run_undo(release)
         if taken.code is ErrorCode.EXISTS:
             raise admission.invalid("newid", taken.message) from taken
         raise
@@ -159,11 +165,14 @@ async def clone(service: ComputeService, command: compute.VmClone) -> TaskAccept
             if not done:
                 await task.log("clone failed: removing what was made")
                 await run_undo(undo)
+            await run_undo(release)
 
     try:
         return await service.submit("qmclone", command, body)
     except BaseException:
-        await run_undo([lambda: service.guests.remove(command.newid, lock_held=GuestLock.CREATE)])
+        await run_undo(
+            [*release, lambda: service.guests.remove(command.newid, lock_held=GuestLock.CREATE)]
+        )
         raise
 
 

@@ -124,7 +124,10 @@ async def vm_config(call: Call) -> dict[str, Any]:
         section = record.snapshots.get(snapname)
         if section is None:
             raise ParamError({"snapshot": f"snapshot '{snapname}' does not exist"})
-        return {**section, "digest": record.digest}
+        snapshot: dict[str, Any] = {**section, "digest": record.digest}
+        if "snaptime" in snapshot:
+            snapshot["snaptime"] = int(snapshot["snaptime"])
+        return snapshot
     config: dict[str, Any] = dict(record.config)
     if not call.params["current"]:
         config.update(record.pending)
