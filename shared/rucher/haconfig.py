@@ -11,7 +11,9 @@ migrate/relocate requests, ``manager_status`` the manager's last published statu
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -37,7 +39,8 @@ GROUPS = "groups"
 CONTROL = "control"
 MANAGER_STATUS = "manager_status"
 MODIFIED = "detected modified configuration - file changed by other user? Try again."
-ATTEMPTS = 8
+ATTEMPTS = 32
+BACKOFF = 0.005  # seconds per attempt lost, jittered, so many writers spread out
 
 D = TypeVar("D", bound=msgspec.Struct)
 _encoder = msgspec.json.Encoder(order="sorted")
@@ -109,7 +112,9 @@ class HaConfigStore:
     async def _change(
         kv: KV[D], key: str, empty: D, change: Callable[[D], D], expected: str | None
     ) -> D:
-        for _ in range(ATTEMPTS):
+        for attempt in range(ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(random.uniform(0, BACKOFF * attempt))  # noqa: S311 - jitter
             current = await HaConfigStore._read(kv, key, empty)
             if expected is not None and expected != current.digest:
                 raise RucherError(ErrorCode.CONFLICT, MODIFIED, details={"field": "digest"})

@@ -295,6 +295,32 @@ async def test_guard_kills_at_its_deadline_and_a_disarmed_guard_does_not():
         process.wait()
 
 
+async def test_libvirt_destroys_only_running_ha_domains():
+    libvirt = pytest.importorskip("libvirt")
+    # test:///default is one driver per process: this connection and the killer's share it.
+    connection = libvirt.open("test:///default")
+    domains = {}
+    for vmid in (556, 557):
+        xml = (
+            f"<domain type='test'><name>rucher-{vmid}</name><memory>8192</memory>"
+            "<os><type>hvm</type></os></domain>"
+        )
+        domains[vmid] = connection.defineXML(xml)
+        domains[vmid].create()
+    try:
+        killed, clean = await killer.kill_ha_guests(
+            frozenset({556}), uri="test:///default", destroy_timeout=2.0
+        )
+        assert killed == [556] and clean
+        assert not domains[556].isActive() and domains[557].isActive()
+    finally:
+        for domain in domains.values():
+            if domain.isActive():
+                domain.destroy()
+            domain.undefine()
+        connection.close()
+
+
 def test_vmid_of_only_reads_rucher_names():
     assert killer.vmid_of("rucher-100") == 100
     assert killer.vmid_of("rucher-x") is None
