@@ -1,0 +1,70 @@
+"""Real failures on the 3-node harness: every node runs NATS, libvirtd, storage, compute and HA.
+
+HA guests are real QEMU guests (TCG, direct kernel boot) with their disk on the Ceph every node
+shares. The checker samples /proc for QEMU processes per node (independently of the bus) from
+before the guests start until the end, and no guest may ever run on two nodes at once.
+"""
+# ruff: noqa: F811 - pytest fixtures imported from rucher.testing.libvirt are parameters here
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+
+from rucher.bus import Bus
+from rucher.testing.ha_cluster import HaCluster
+from rucher.testing.libvirt import guest_image  # noqa: F401 - fixture
+
+from .buses import connected
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# The documented defaults (services/ha/README.md); rounds every second.
+HA_ENV = {"RUCHER_HA_ROUND_INTERVAL": "1"}
+
+
+@pytest.fixture
+def cluster(harness_factory, guest_image) -> HaCluster:
+    """Three nodes with every service, Ceph shared, the checker recording."""
+    harness = harness_factory(3, libvirt=True, ceph=True)
+    cluster = HaCluster(
+        harness, guest_image.kernel, guest_image.initrd, guest_image.cmdline, ha_env=HA_ENV
+    )
+    cluster.start_services()
+    return cluster
+
+
+@pytest.fixture
+async def bus(cluster) -> AsyncIterator[Bus]:
+    """A client of the harness's NATS cluster once every agent answers."""
+    async with connected(cluster.harness.urls, node="n3", service="test") as client:
+        await cluster.wait_agents(client)
+        for node in cluster.harness.nodes:
+            await cluster.wait_ha_lease(client, node.name)
+        yield client
+
+
+async def ha_guests_on_n1(cluster: HaCluster, bus: Bus, count: int = 2) -> list[int]:
+    """``count`` HA guests created on n1 and started by HA there."""
+    base = 900_000 + secrets.randbelow(90_000)
+    vmids = [base + index for index in range(count)]
+    cluster.start_checker()
+    for vmid in vmids:
+        await cluster.create_guest(bus, vmid, "n1")
+    await cluster.make_ha(bus, vmids)
+    placed = await cluster.wait_running(vmids, timeout=120)
+    assert set(placed.values()) == {"n1"}, placed
+    return vmids
+
+
+async def test_node_loss_every_ha_guest_runs_elsewhere_exactly_once(cluster, bus):
+    vmids = await ha_guests_on_n1(cluster, bus)
+    moves = await cluster.kill_and_measure("n1", vmids, timeout=60)
+    assert all(move.seconds is not None for move in moves), (moves, cluster.logs("n2"))
+    placed = await cluster.wait_running(vmids, timeout=10)
+    assert set(placed.values()) <= {"n2", "n3"}
+    assert cluster.double_runs() == []
+    for move in moves:
+        assert move.seconds is not None and move.seconds < 30, move
