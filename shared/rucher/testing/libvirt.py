@@ -211,8 +211,9 @@ class NodeDaemon:
     def prepare(self) -> None:
         """Create the node's folders from this machine's configuration, with its own settings.
 
-        QEMU's capability cache is copied so the first define does not probe QEMU again; the
-        ``default`` NAT network is left out (it would start dnsmasq and iptables rules).
+        Only the daemons' ``*.conf`` files are copied from ``/etc/libvirt`` (no domains, no
+        ``default`` NAT network, which would start dnsmasq); QEMU's capability cache is copied
+        so the first define does not probe QEMU again.
         """
         fix_kvm_permissions()
         for system in PRIVATE_DIRS:
@@ -222,13 +223,11 @@ class NodeDaemon:
             self.link.unlink(missing_ok=True)
             self.link.symlink_to(self.root, target_is_directory=True)
         etc = self.folder("/etc/libvirt")
-        if not (etc / "libvirtd.conf").exists() and Path("/etc/libvirt").is_dir():
-            shutil.copytree(
-                "/etc/libvirt",
-                etc,
-                dirs_exist_ok=True,
-                ignore=lambda folder, names: {"networks", "secrets"} & set(names),
-            )
+        if not (etc / "libvirtd.conf").exists():
+            # The daemons' settings only: this machine's domains, networks, pools and secrets
+            # (its own libvirtd's, other tests') are no node's.
+            for conf in Path("/etc/libvirt").glob("*.conf"):
+                shutil.copy2(conf, etc / conf.name)
         cache = Path("/var/cache/libvirt/qemu/capabilities")
         mine = self.folder("/var/cache/libvirt") / "qemu" / "capabilities"
         if cache.is_dir() and not mine.exists():
