@@ -109,6 +109,11 @@ class VmStart(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.start"
     migratedfrom: NodeName | None = None
     owner_token: int = 0
     claim_id: str | None = None
+    # HA starts: the name of the lease whose fencing token this start acts under (the target
+    # node's ``ha-node:{node}``) and that token; the agent refuses the start unless the lease
+    # holds that token now, so a start issued before a fence can never run after it.
+    fence_lease: str | None = None
+    fence_epoch: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class VmStop(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.stop"):

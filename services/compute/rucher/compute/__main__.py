@@ -16,6 +16,7 @@ from rucher.compute.disks import CloneOptions
 from rucher.compute.domain_xml import HostFacts
 from rucher.compute.drivers.libvirt import kvm_usable
 from rucher.compute.drivers.libvirt_cloudinit import CloudInitHypervisor
+from rucher.compute.fencing import LeaseFence
 from rucher.compute.handlers import serve
 from rucher.compute.migrate_wiring import serve_migration
 from rucher.compute.pools import BusPools
@@ -197,6 +198,7 @@ async def setup(context: ServiceContext) -> None:
         ),
         shutdown_timeout=settings.shutdown_timeout,
         claim_client=BusClaims(context.bus),
+        fence=LeaseFence(context.bus),
         pools=BusPools(context.bus),
     )
     drift = await reconcile(service)

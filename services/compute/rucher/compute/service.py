@@ -18,6 +18,7 @@ from rucher.compute import admission, claims, destroy, disks, pending
 from rucher.compute.disks import VolumeStore
 from rucher.compute.domain_xml import HostFacts, domain_name, vmid_of
 from rucher.compute.drivers.interface import DomainInfo, Hypervisor
+from rucher.compute.fencing import FenceGuard, require_current_epoch
 from rucher.compute.pools import PoolDirectory
 from rucher.proto import compute
 from rucher.proto.base import Subject
@@ -152,6 +153,7 @@ class ComputeService:
         shutdown_timeout: float = 180.0,
         clock: Callable[[], float] = time.time,
         claim_client: claims.ClaimClient | None = None,
+        fence: FenceGuard | None = None,
         pools: PoolDirectory | None = None,
     ) -> None:
         self.hypervisor = hypervisor
@@ -164,6 +166,7 @@ class ComputeService:
         self.shutdown_timeout = shutdown_timeout
         self.clock = clock
         self.claim_client = claim_client
+        self.fence = fence
         self.pools = pools
         self._samples: dict[int, Sample] = {}
 
@@ -420,6 +423,8 @@ class ComputeService:
         async def body(task: TaskLog) -> None:
             record = await pending.apply_pending(self, command.vmid)
             await self.define(record)
+            # As late as possible: a start issued before a fence must not run after it.
+            await require_current_epoch(self.fence, command)
             await self.hypervisor.start(domain_name(command.vmid))
             await task.log(f"VM {command.vmid} started")
             await self.state_changed(
