@@ -5,7 +5,8 @@ Run: .venv/bin/python ops/bench/storage.py [--clones N] [--rounds R]
 It starts what it needs in a temporary folder (a nats-server, a single-node Ceph, the storage
 service as its own process with that Ceph as storage ``ceph`` and a ``local`` dir storage) and
 removes all of it afterwards. Each backend gets a template base made through the service; then
-rounds alternate between the two sides, N clones each:
+the two sides take turns clone by clone (N clones per side and round, the side going first
+alternating), so that both see the same moments of a busy machine:
 
 - rbd: ``rpc.storage.volume_clone`` (linked) over NATS vs ``rbd.RBD().clone`` of the same
   ``base@__base__`` called directly with the bindings in this process;
@@ -103,12 +104,29 @@ async def make_base(bus: Bus, storage: str, fmt: DiskFormat | None) -> str:
 
 async def timed(action: Callable[[int], Awaitable[None]], first: int, count: int) -> list[float]:
     """Milliseconds per call of ``action(vmid)`` for ``count`` fresh VMIDs."""
-    samples = []
-    for vmid in range(first, first + count):
-        started = time.perf_counter()
-        await action(vmid)
-        samples.append((time.perf_counter() - started) * 1000)
-    return samples
+    return [await once(action, vmid) for vmid in range(first, first + count)]
+
+
+async def once(action: Callable[[int], Awaitable[None]], vmid: int) -> float:
+    """Milliseconds of one call of ``action(vmid)``."""
+    started = time.perf_counter()
+    await action(vmid)
+    return (time.perf_counter() - started) * 1000
+
+
+async def in_turns(
+    sides: dict[str, Callable[[int], Awaitable[None]]],
+    results: dict[str, list[float]],
+    first: int,
+    count: int,
+) -> None:
+    """``count`` calls of each side, taking turns call by call; who goes first alternates."""
+    names = list(sides)
+    for index in range(count):
+        order = names if index % 2 == 0 else names[::-1]
+        for offset, name in enumerate(order):
+            vmid = first + index * len(names) + offset
+            results[name].append(await once(sides[name], vmid))
 
 
 def summary(name: str, samples: list[float]) -> float:
@@ -156,13 +174,12 @@ async def bench(cluster: CephCluster, url: str, state: Path, clones: int, rounds
         results: dict[str, list[float]] = {k: [] for k in ("rs", "rd", "ds", "dd")}
         await timed(lambda v: service_clone(rbd_base, v), 90_000, 5)  # warm both paths up
         await timed(lambda v: service_clone(dir_base, v), 91_000, 5)
+        rbd_sides = {"rs": lambda v: service_clone(rbd_base, v), "rd": direct_rbd}
+        dir_sides = {"ds": lambda v: service_clone(dir_base, v), "dd": direct_dir}
         for number in range(rounds):
             first = 10_000 + number * 4 * clones
-            results["rs"] += await timed(lambda v: service_clone(rbd_base, v), first, clones)
-            results["rd"] += await timed(direct_rbd, first + clones, clones)
-            results["dd"] += await timed(direct_dir, first + 2 * clones, clones)
-            results["ds"] += await timed(lambda v: service_clone(dir_base, v), first + 3 * clones,
-                                         clones)  # fmt: skip
+            await in_turns(rbd_sides, results, first, clones)
+            await in_turns(dir_sides, results, first + 2 * clones, clones)
         print("rbd linked clone (base@__base__ -> vm-N-disk-0):")
         rbd_ratio = summary("storage service over NATS", results["rs"]) / summary(
             "rbd.RBD().clone directly", results["rd"]

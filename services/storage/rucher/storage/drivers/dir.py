@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from rucher.bus import RucherError
 from rucher.proto.errors import ErrorCode
@@ -39,6 +41,7 @@ _BACKING = re.compile(r"^\.\./(\d+)/([^/]+)$")
 _CONTENT_FOLDERS = ("images", *FILE_FOLDERS.values())
 NOTES, PROTECTED = ".notes", ".protected"
 TYPE = StorageType.DIR
+T = TypeVar("T")
 
 
 def _not_found(volid: str) -> RucherError:
@@ -234,39 +237,54 @@ class DirDriver:
         vmid: int,
         name: str | None,
         fmt: str,
+        *,
         check: Callable[[], object] | None = None,
+        fill: Callable[[Path], object] | None = None,
     ) -> Path:
         """Claim ``images/<vmid>/<name>`` (the next free disk name when None), with undo steps.
 
-        ``check`` runs first in the same worker thread (one hop fewer on the clone path).
+        ``check`` runs first and ``fill`` (given the claimed path) last, in the same worker
+        thread as the claim: the clone path makes one thread hop for the whole step. Whatever
+        the thread made gets its undo step, even when a later part of the thread's work fails.
         """
         folder = self.path / "images" / str(vmid)
+        made: list[Path] = []
 
-        def claim() -> tuple[Path, bool]:
+        def claim() -> Path:
             if check is not None:
                 check()
             self._activate()
-            made = not folder.exists()
-            folder.mkdir(exist_ok=True)
-            if name is not None:
-                self._claim(folder / name, folder=fmt == DiskFormat.SUBVOL.value)
-                return folder / name, made
-            taken = {entry.name.split(".")[0] for entry in folder.iterdir()}
-            for index in range(10_000):
-                candidate = volnames.disk_name(TYPE, vmid, index, fmt)
-                twin = volnames.disk_name(TYPE, vmid, index, fmt, base=True)
-                if {candidate.split(".")[0], twin.split(".")[0]} & taken:
-                    continue
-                with contextlib.suppress(RucherError):
-                    self._claim(folder / candidate, folder=fmt == DiskFormat.SUBVOL.value)
-                    return folder / candidate, made
-            raise RucherError(ErrorCode.INTERNAL, f"no free disk name for VM {vmid}")
+            if not folder.exists():
+                folder.mkdir(exist_ok=True)
+                made.append(folder)
+            path = self._claim_next(folder, vmid, name, fmt)
+            made.append(path)
+            if fill is not None:
+                fill(path)
+            return path
 
-        path, made_folder = await asyncio.to_thread(claim)
-        if made_folder:
-            revert.add(f"remove {folder}", lambda: asyncio.to_thread(_rmdir_if_empty, folder))
-        revert.add(f"remove {path}", lambda: asyncio.to_thread(_remove, path))
-        return path
+        try:
+            return await _thread_step(claim)
+        finally:
+            for item in made:
+                undo = _rmdir_if_empty if item == folder else _remove
+                revert.add(f"remove {item}", functools.partial(asyncio.to_thread, undo, item))
+
+    def _claim_next(self, folder: Path, vmid: int, name: str | None, fmt: str) -> Path:
+        """Claim ``folder/name``, or the next free disk name of ``vmid`` when None."""
+        if name is not None:
+            self._claim(folder / name, folder=fmt == DiskFormat.SUBVOL.value)
+            return folder / name
+        taken = {entry.name.split(".")[0] for entry in folder.iterdir()}
+        for index in range(10_000):
+            candidate = volnames.disk_name(TYPE, vmid, index, fmt)
+            twin = volnames.disk_name(TYPE, vmid, index, fmt, base=True)
+            if {candidate.split(".")[0], twin.split(".")[0]} & taken:
+                continue
+            with contextlib.suppress(RucherError):
+                self._claim(folder / candidate, folder=fmt == DiskFormat.SUBVOL.value)
+                return folder / candidate
+        raise RucherError(ErrorCode.INTERNAL, f"no free disk name for VM {vmid}")
 
     async def _described(self, path: Path) -> Volume:
         vol = volnames.parse(TYPE, f"{path.parent.name}/{path.name}")
@@ -301,11 +319,15 @@ class DirDriver:
             header = read_qcow2_header(base_path) if vol.format == "qcow2" else None
             base_size = header.size if header else base_path.stat().st_size
 
-        async with Revert() as revert:
-            path = await self._new_file(revert, vmid, target, DiskFormat.QCOW2.value, check=check)
-            await self.qemu_img.create(
+        def overlay(path: Path) -> None:
+            self.qemu_img.create_blocking(
                 path, "qcow2", backing=f"../{vol.vmid}/{vol.name}", backing_format=vol.format
             )
+
+        async with Revert() as revert:
+            # Check, claim and qemu-img in one worker thread: the clone is one hop plus qemu-img.
+            fmt = DiskFormat.QCOW2.value
+            path = await self._new_file(revert, vmid, target, fmt, check=check, fill=overlay)
         # Known without reading the new file again: an overlay has its base's size.
         clone = VolName(ContentType.IMAGES, path.name, vmid, "qcow2", vol.name, vol.vmid)
         return Volume(
@@ -530,6 +552,20 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     for suffix in (NOTES, PROTECTED):
         path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
+async def _thread_step(work: Callable[[], T]) -> T:
+    """``work`` in a worker thread; if cancelled, wait for the thread before undoing anything.
+
+    A thread cannot be stopped: undoing while it still creates files would leave them behind.
+    """
+    step = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await step
+        raise
 
 
 def _rmdir_if_empty(folder: Path) -> None:

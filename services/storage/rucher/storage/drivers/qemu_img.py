@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,10 +67,40 @@ class QemuImgError(RucherError):
 
 
 class QemuImg:
-    """Runs ``qemu-img`` without blocking the event loop; a cancelled call kills the process."""
+    """Runs ``qemu-img`` without blocking the event loop; a cancelled call kills the process.
+
+    The ``*_blocking`` variants run it in the calling thread, for a driver step that already
+    runs in a worker thread (one thread hop for a whole step instead of one per action).
+    """
 
     def __init__(self, binary: str = "qemu-img") -> None:
         self.binary = binary
+
+    def _failed(self, args: tuple[str, ...], returncode: int, errors: bytes) -> QemuImgError:
+        text = errors.decode(errors="replace").strip().splitlines()
+        message = text[-1] if text else f"exit status {returncode}"
+        message = message.removeprefix(f"{self.binary}: ")
+        log.debug("qemu_img_failed", args=list(args), error=message)
+        code = ErrorCode.NOT_FOUND if "not found" in message.lower() else ErrorCode.INTERNAL
+        return QemuImgError(code, f"qemu-img {args[0]}: {message}")
+
+    def _missing(self, err: FileNotFoundError) -> RucherError:
+        return RucherError(ErrorCode.UNSUPPORTED, f"{self.binary} is not installed on this node")
+
+    def run_blocking(self, *args: str) -> None:
+        """:meth:`run` in the calling thread (blocking: only from a worker thread)."""
+        try:
+            done = subprocess.run(
+                [self.binary, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                check=False,
+            )
+        except FileNotFoundError as err:
+            raise self._missing(err) from err
+        if done.returncode != 0:
+            raise self._failed(args, done.returncode, done.stderr)
 
     async def run(self, *args: str) -> None:
         """Run ``qemu-img ARGS``; raise :class:`QemuImgError` with its error line on failure."""
@@ -82,9 +113,7 @@ class QemuImg:
                 stderr=asyncio.subprocess.PIPE,
             )
         except FileNotFoundError as err:
-            raise RucherError(
-                ErrorCode.UNSUPPORTED, f"{self.binary} is not installed on this node"
-            ) from err
+            raise self._missing(err) from err
         try:
             _, errors = await process.communicate()
         except asyncio.CancelledError:
@@ -92,12 +121,7 @@ class QemuImg:
             await process.wait()
             raise
         if process.returncode != 0:
-            text = errors.decode(errors="replace").strip().splitlines()
-            message = text[-1] if text else f"exit status {process.returncode}"
-            message = message.removeprefix(f"{self.binary}: ")
-            log.debug("qemu_img_failed", args=list(args), error=message)
-            code = ErrorCode.NOT_FOUND if "not found" in message.lower() else ErrorCode.INTERNAL
-            raise QemuImgError(code, f"qemu-img {args[0]}: {message}")
+            raise self._failed(args, process.returncode or -1, errors)
 
     async def create(
         self,
@@ -109,15 +133,13 @@ class QemuImg:
         backing_format: str = "qcow2",
     ) -> None:
         """Create an image, or a qcow2 overlay on ``backing`` (a path relative to ``path``)."""
-        args = ["create", "-q", "-f", fmt]
-        if fmt == "qcow2" and backing is None:
-            args += ["-o", "preallocation=metadata"]  # Proxmox's default for qcow2
-        if backing is not None:
-            args += ["-b", backing, "-F", backing_format]
-        args.append(str(path))
-        if size is not None:
-            args.append(str(size))
-        await self.run(*args)
+        await self.run(*_create_args(path, fmt, size, backing, backing_format))
+
+    def create_blocking(
+        self, path: Path, fmt: str, *, backing: str, backing_format: str = "qcow2"
+    ) -> None:
+        """:meth:`create` of an overlay, in the calling thread (only from a worker thread)."""
+        self.run_blocking(*_create_args(path, fmt, None, backing, backing_format))
 
     async def convert(
         self, source: Path, source_fmt: str, target: Path, fmt: str, snapshot: str | None = None
@@ -141,3 +163,17 @@ class QemuImg:
     async def rebase_unsafe(self, path: Path, backing: str) -> None:
         """Point an overlay at its backing file's new name (the data does not change)."""
         await self.run("rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", backing, str(path))
+
+
+def _create_args(
+    path: Path, fmt: str, size: int | None, backing: str | None, backing_format: str
+) -> list[str]:
+    args = ["create", "-q", "-f", fmt]
+    if fmt == "qcow2" and backing is None:
+        args += ["-o", "preallocation=metadata"]  # Proxmox's default for qcow2
+    if backing is not None:
+        args += ["-b", backing, "-F", backing_format]
+    args.append(str(path))
+    if size is not None:
+        args.append(str(size))
+    return args
