@@ -309,13 +309,19 @@ async def test_a_volume_a_running_guest_attaches_is_not_changed(stack, bus, loca
         grown = (await call(bus, s.VOLUME_RESIZE, volid=volume.volid, size=4 << 20)).volume
         assert grown.size == 4 << 20
 
-        # An owner on a node whose agent does not answer: unknown, so refused as unavailable.
+        # A guest of another node cannot attach this node's local copy of the volume.
         away = GuestRecord(vmid=195, type=GuestType.QEMU, node="n9", config=config,
                            digest=config_digest(config, None))  # fmt: skip
         await guests.put("195", away)
-        error = await refused(bus, s.VOLUME_FREE, ErrorCode.UNAVAILABLE, "volid",
-                              volid=volume.volid)  # fmt: skip
-        assert "cannot tell whether guest 195 on node 'n9'" in error.message
+        states[195] = PowerState.RUNNING
+        grown = (await call(bus, s.VOLUME_RESIZE, volid=volume.volid, size=8 << 20)).volume
+        assert grown.size == 8 << 20
+        home = GuestRecord(vmid=195, type=GuestType.QEMU, node="n1", config=config,
+                           digest=config_digest(config, None))  # fmt: skip
+        await guests.put("195", home)
+    # Its agent gone, whether the guest runs is unknown: refused as unavailable, not risked.
+    error = await refused(bus, s.VOLUME_FREE, ErrorCode.UNAVAILABLE, "volid", volid=volume.volid)
+    assert "cannot tell whether guest 195 on node 'n1'" in error.message
     await guests.delete("195")
     await call(bus, s.VOLUME_FREE, volid=volume.volid)
     assert not path.exists()

@@ -225,7 +225,7 @@ class StorageService:
         if disk.name is not None:  # a name chosen by the caller may be one a guest still uses
             rbd = definition.storage_type is StorageType.RBD
             volname = disk.name if rbd else f"{disk.vmid}/{disk.name}"
-            await self._refuse_running(f"{definition.storage}:{volname}")
+            await self._refuse_running(f"{definition.storage}:{volname}", definition)
         async with self.pool.lock(definition.storage):
             volume = await driver.allocate(disk)
         volid = f"{definition.storage}:{volume.name}"
@@ -267,7 +267,7 @@ class StorageService:
             return self._details(definition.storage, volume)
         await check_space(driver, size - volume.size)
         # A running guest's disk grows through its hypervisor (QEMU block_resize), never under it.
-        await self._refuse_running(command.volid)
+        await self._refuse_running(command.volid, definition)
         async with self.pool.lock(definition.storage):
             volume = await driver.resize(volname, size)
         event = VolumeResized(**self._event(), volid=command.volid, size=volume.size)
@@ -293,7 +293,7 @@ class StorageService:
     async def snapshot_rollback(self, command: VolumeSnapshotRollback) -> Done:
         """Roll one volume back to a snapshot."""
         driver, definition, _, volname = await self.pool.volume(command.volid)
-        await self._refuse_running(command.volid)
+        await self._refuse_running(command.volid, definition)
         async with self.pool.lock(definition.storage):
             await driver.snapshot_rollback(volname, command.snapname)
         return Done()
@@ -312,7 +312,7 @@ class StorageService:
         driver, definition, parsed, volname = await self.pool.volume(command.volid)
         if parsed.content not in DISK_CONTENT:
             raise invalid(f"'{command.volid}' is not a disk", "volid")
-        await self._refuse_running(command.volid)
+        await self._refuse_running(command.volid, definition)
         async with self.pool.lock(definition.storage):
             volume = await driver.create_base(volname)
         new_volid = f"{definition.storage}:{volume.name}"
@@ -366,7 +366,7 @@ class StorageService:
             target, _ = volnames.requested_name(
                 definition.storage_type, command.vmid, command.filename, parsed.format
             )
-        await self._refuse_running(command.volid)
+        await self._refuse_running(command.volid, definition)
         async with self.pool.lock(definition.storage):
             volume = await driver.rename(volname, command.vmid, target)
         new_volid = f"{definition.storage}:{volume.name}"
