@@ -69,6 +69,10 @@ class Peers:
 
     def __init__(self) -> None:
         self.migrators: dict[str, Migrator] = {}
+        self.available: dict[str, set[str] | None] = {}
+
+    async def storages(self, node: str) -> set[str] | None:
+        return self.available.get(node, {"local", "ceph"})
 
     async def nodes(self) -> set[str]:
         return set(self.migrators)
@@ -97,6 +101,7 @@ class Pair:
     guests: Registry
     volumes: SharedVolumes
     nodes: dict[str, Node]
+    peers: Peers
 
     def __getitem__(self, name: str) -> Node:
         return self.nodes[name]
@@ -121,7 +126,7 @@ def pair() -> Pair:
         peers.migrators[name] = migrator
         nodes[name] = Node(hypervisor, tasks, events, service, migrator)
     nodes["n1"].hypervisor.peers = {"qemu+tcp://n2/system": nodes["n2"].hypervisor}
-    return Pair(guests, volumes, nodes)
+    return Pair(guests, volumes, nodes, peers)
 
 
 async def make_guest(pair: Pair, vmid: int, *, running: bool, **config: str) -> None:
@@ -308,3 +313,19 @@ async def test_prepare_refuses_a_guest_not_being_migrated_from_the_source(pair):
 def test_local_resources_are_passthrough_devices_and_host_serial_ports():
     config = {"hostpci0": "x", "usb1": "y", "serial0": "/dev/ttyS0", "serial1": "socket"}
     assert local_resources(config) == ("hostpci0", "serial0", "usb1")
+
+
+async def test_a_target_without_the_guests_storage_is_not_allowed(pair):
+    await make_guest(pair, 100, running=False, scsi0="ceph:1")
+    pair.peers.available["n2"] = {"local"}
+    report = await pair["n1"].migrator.check(compute.VmMigrateCheck(vmid=100))
+    assert report.allowed_nodes == ()
+    assert report.unavailable_storages == {"n2": ("ceph",)}
+    assert report.not_allowed_nodes["n2"] == "storage 'ceph' is not available on node 'n2'"
+    with pytest.raises(RucherError) as caught:
+        await pair["n1"].migrator.migrate(migrate(100))
+    assert caught.value.details == {"field": "target"}
+    assert "storage 'ceph' is not available on node 'n2'" in caught.value.message
+    pair.peers.available["n2"] = None
+    report = await pair["n1"].migrator.check(compute.VmMigrateCheck(vmid=100))
+    assert "does not answer" in report.not_allowed_nodes["n2"]

@@ -638,7 +638,8 @@ class VmMigrateCheckReport(
 ):
     """The preconditions: run state, nodes with a compute agent, local disks and devices.
 
-    ``not_allowed_nodes`` maps a node to why it cannot take the VM now.
+    ``not_allowed_nodes`` maps a node to why it cannot take the VM now, and
+    ``unavailable_storages`` to the storages of the VM's disks it lacks.
     """
 
     vmid: Vmid
@@ -647,6 +648,7 @@ class VmMigrateCheckReport(
     not_allowed_nodes: dict[NodeName, str] = {}
     local_disks: tuple[LocalDisk, ...] = ()
     local_resources: tuple[str, ...] = ()
+    unavailable_storages: dict[NodeName, tuple[StorageId, ...]] = {}
 
 
 class DiskCopy(msgspec.Struct, frozen=True, kw_only=True):

@@ -86,6 +86,9 @@ class Peers(Protocol):
     async def abort(self, node: str, command: compute.VmMigrateAbort) -> None:
         """Tell ``node`` the migration failed: it frees what it prepared."""
 
+    async def storages(self, node: str) -> set[str] | None:
+        """The storages enabled and active on ``node``; None when its storage service is silent."""
+
 
 def target_storages(spec: str | None) -> dict[str, str]:
     """Proxmox's ``targetstorage`` (``storage-pair-list``) as source → target storage.
@@ -196,16 +199,42 @@ class Migrator:
         record = await self._owned(query.vmid)
         others = sorted((await self.peers.nodes()) - {self.node})
         refused: dict[str, str] = {}
+        missing: dict[str, tuple[str, ...]] = {}
         if query.target is not None and query.target not in others:
             refused[query.target] = self._unknown_target(query.target)
+        for node in others:
+            reason, lacking = await self._storages_missing(node, record.config, None)
+            if reason:
+                refused[node] = reason
+                missing[node] = lacking
         return compute.VmMigrateCheckReport(
             vmid=query.vmid,
             running=await self._running(query.vmid),
-            allowed_nodes=tuple(others),
+            allowed_nodes=tuple(node for node in others if node not in refused),
             not_allowed_nodes=refused,
             local_disks=await self.local_disks(record.config),
             local_resources=local_resources(record.config),
+            unavailable_storages=missing,
         )
+
+    async def _storages_missing(
+        self, node: str, config: Mapping[str, str], targetstorage: str | None
+    ) -> tuple[str, tuple[str, ...]]:
+        """Why ``node`` lacks a storage the guest's volumes need there ("" when it lacks none)."""
+        storages = target_storages(targetstorage)
+        needed = set()
+        for volid in disks.volume_ids(config).values():
+            storage = volid.partition(":")[0]
+            needed.add(storages.get(storage, storages.get("", storage)) if storages else storage)
+        if not needed:
+            return "", ()
+        available = await self.peers.storages(node)
+        if available is None:
+            return f"the storage service of node '{node}' does not answer", ()
+        lacking = tuple(sorted(needed - available))
+        if not lacking:
+            return "", ()
+        return f"storage '{lacking[0]}' is not available on node '{node}'", lacking
 
     def _unknown_target(self, target: str) -> str:
         if target == self.node:
@@ -221,6 +250,13 @@ class Migrator:
             )
         if command.target == self.node or command.target not in await self.peers.nodes():
             raise admission.invalid("target", self._unknown_target(command.target))
+        reason, _ = await self._storages_missing(
+            command.target,
+            record.config,
+            command.targetstorage if command.with_local_disks else None,
+        )
+        if reason:
+            raise admission.invalid("target", reason)
         running = await self._running(command.vmid)
         if running and not command.online:
             raise admission.invalid("online", "can't migrate running VM without --online")

@@ -5,17 +5,19 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from rucher.bus import Bus
+from rucher.bus import Bus, RucherError
 from rucher.compute.config import ComputeSettings
 from rucher.compute.migrate import Migrator
 from rucher.compute.service import ComputeService
 from rucher.guests import GuestRegistry
-from rucher.proto import compute
+from rucher.proto import compute, storage
 from rucher.registry import ServiceRegistry
 from rucher.service import ServiceContext
 
 # Preparing renders the domain and maps every disk through the target's storage service.
 PEER_TIMEOUT = 60.0
+# A node's storage service answers its status from its definitions and a quick look at each.
+STORAGE_TIMEOUT = 10.0
 
 
 class BusPeers:
@@ -41,6 +43,18 @@ class BusPeers:
         await self.bus.request(
             compute.GUEST_MIGRATE_FINISH.to(node=node), command, timeout=self.timeout
         )
+
+    async def storages(self, node: str) -> set[str] | None:
+        """The storages enabled and active on ``node``; None when its storage service is silent."""
+        try:
+            report = await self.bus.request(
+                storage.STATUS.to(node=node),
+                storage.StorageStatusQuery(enabled_only=True),
+                timeout=STORAGE_TIMEOUT,
+            )
+        except RucherError:
+            return None
+        return {status.storage for status in report.storages if status.active}
 
     async def abort(self, node: str, command: compute.VmMigrateAbort) -> None:
         """Tell ``node`` the migration failed: it frees what it prepared."""

@@ -32,7 +32,10 @@ async def migrate_precondition(call: Call) -> dict[str, Any]:
         "running": report.running,
         "allowed_nodes": list(report.allowed_nodes),
         "not_allowed_nodes": {
-            node: {"unavailable_storages": [], "reason": reason}
+            node: {
+                "unavailable_storages": list(report.unavailable_storages.get(node, ())),
+                "reason": reason,
+            }
             for node, reason in report.not_allowed_nodes.items()
         },
         "local_disks": [
