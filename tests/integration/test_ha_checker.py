@@ -61,10 +61,11 @@ def wait_running(checker: QemuChecker, guest: str, nodes: set[str]) -> None:
         time.sleep(0.02)
 
 
-def test_one_guest_on_two_nodes_fails_the_checker(two_nodes):
+@pytest.mark.parametrize("sampler", ["process", "thread"])
+def test_one_guest_on_two_nodes_fails_the_checker(two_nodes, sampler):
     guest = f"rucher-{secrets.randbelow(10**6) + 10**6}"
     nodes = {netns_inode(ns): node for node, ns in two_nodes.items()}
-    with QemuChecker(nodes, guests=lambda name: name == guest) as checker:
+    with QemuChecker(nodes, guests=lambda name: name == guest, sampler=sampler) as checker:
         first = start_guest(two_nodes["a"], guest)
         second = start_guest(two_nodes["b"], guest)
         try:

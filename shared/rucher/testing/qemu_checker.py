@@ -16,7 +16,12 @@ faster than one sampling period is reported rather than missed.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -143,12 +148,26 @@ def netns_inode(name: str, directory: Path = NETNS_DIR) -> int:
     return os.stat(directory / name).st_ino
 
 
+Raw = tuple[int, int, str, int | None, float]
+
+
+def scan_raw(proc: Path = qemuproc.PROC) -> list[Raw]:
+    """One sample: ``(pid, start ticks, guest, netns inode, start time)`` of each QEMU process."""
+    return [
+        (p.pid, p.start_ticks, p.guest, p.netns, p.start_ticks / CLOCK_TICKS)
+        for p in qemuproc.scan(proc)
+    ]
+
+
 class QemuChecker:
-    """Samples ``/proc`` in a thread and keeps a :class:`RunLog`.
+    """Samples ``/proc`` and keeps a :class:`RunLog`.
 
     ``nodes`` maps a network namespace inode to a node name; a process in any other namespace
     counts as running on ``netns:INODE`` (still a node of its own, so it can collide).
-    ``guests`` keeps only the guests it accepts (default: all).
+    ``guests`` keeps only the guests it accepts (default: all). With ``sampler="process"`` (the
+    default) a child process of its own (``python -m rucher.testing.qemu_checker``, niced up
+    where allowed) takes the samples and timestamps them, so a busy test process cannot delay
+    them; ``"thread"`` samples in a thread of this process.
     """
 
     def __init__(
@@ -158,7 +177,10 @@ class QemuChecker:
         period: float = 0.05,
         guests: Callable[[str], bool] | None = None,
         proc: Path = qemuproc.PROC,
+        sampler: str = "process",
     ) -> None:
+        if sampler not in ("process", "thread"):
+            raise ValueError(f"unknown sampler {sampler!r}")
         if period > MAX_PERIOD:
             raise ValueError(f"sample at least every {MAX_PERIOD} s")
         self.nodes = dict(nodes)
@@ -171,6 +193,9 @@ class QemuChecker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.sampler = sampler
+        self._child: subprocess.Popen[bytes] | None = None
+        self._last_at: float | None = None
 
     @classmethod
     def for_harness(cls, harness: Any, **options: Any) -> QemuChecker:
@@ -184,37 +209,64 @@ class QemuChecker:
             return "netns:?"
         return self.nodes.get(inode, f"netns:{inode}")
 
-    def sample(self) -> None:
-        """Take one sample now."""
-        at = boottime()
+    def _record(self, at: float, raw: list[Raw]) -> None:
         seen = [
-            (p.pid, p.start_ticks, p.guest, self.node_of(p.netns), p.start_ticks / CLOCK_TICKS)
-            for p in qemuproc.scan(self.proc)
-            if self.accept(p.guest)
+            (pid, ticks, guest, self.node_of(netns), started)
+            for pid, ticks, guest, netns, started in raw
+            if self.accept(guest)
         ]
         with self._lock:
             self.log.record(at, seen)
             self.samples += 1
+            if self._last_at is not None:
+                self.max_gap = max(self.max_gap, at - self._last_at)
+            self._last_at = at
 
-    def _run(self) -> None:
-        last = boottime()
-        while not self._stop.is_set():
+    def sample(self) -> None:
+        """Take one sample now, in this process."""
+        self._record(boottime(), scan_raw(self.proc))
+
+    def _sample_in_thread(self) -> None:
+        while not self._stop.wait(self.period):
             self.sample()
-            now = boottime()
-            self.max_gap = max(self.max_gap, now - last)
-            last = now
-            self._stop.wait(self.period)
+
+    def _read_child(self, child: subprocess.Popen[bytes]) -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            data = json.loads(line)
+            raw: list[Raw] = [
+                (pid, ticks, guest, netns, started)
+                for pid, ticks, guest, netns, started in data["seen"]
+            ]
+            self._record(data["at"], raw)
 
     def start(self) -> QemuChecker:
-        """Start sampling in the background."""
+        """Start sampling in the background (the first sample is taken before this returns)."""
         self.sample()
-        self._thread = threading.Thread(target=self._run, name="qemu-checker", daemon=True)
+        target = self._sample_in_thread
+        if self.sampler == "process":
+            argv = [sys.executable, "-m", "rucher.testing.qemu_checker"]
+            argv += ["--period", str(self.period), "--proc", str(self.proc)]
+            child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            self._child = child
+
+            def target() -> None:
+                self._read_child(child)
+
+        self._thread = threading.Thread(target=target, name="qemu-checker", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
         """Stop sampling; open intervals end at the last sample."""
         self._stop.set()
+        if self._child is not None and self._child.stdin is not None:
+            self._child.stdin.close()  # the sampler exits at the end of its input
+            try:
+                self._child.wait(5)
+            except subprocess.TimeoutExpired:
+                self._child.kill()
+                self._child.wait()
         if self._thread is not None:
             self._thread.join()
         with self._lock:
@@ -241,3 +293,34 @@ class QemuChecker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _serve(period: float, proc: Path) -> None:
+    """The sampler child: one JSON line per sample on stdout until stdin closes."""
+    with contextlib.suppress(OSError):
+        os.nice(-10)  # root may: samples keep their pace on a busy machine
+    stop = threading.Event()
+
+    def watch_input() -> None:
+        sys.stdin.buffer.read()
+        stop.set()
+
+    threading.Thread(target=watch_input, daemon=True).start()
+    while not stop.is_set():
+        sys.stdout.write(json.dumps({"at": boottime(), "seen": scan_raw(proc)}) + "\n")
+        sys.stdout.flush()
+        stop.wait(period)
+
+
+def main() -> None:
+    """``python -m rucher.testing.qemu_checker``: the sampler child of :class:`QemuChecker`."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--period", type=float, default=0.05)
+    parser.add_argument("--proc", type=Path, default=qemuproc.PROC)
+    args = parser.parse_args()
+    with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):
+        _serve(args.period, args.proc)
+
+
+if __name__ == "__main__":
+    main()
