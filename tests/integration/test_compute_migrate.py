@@ -190,6 +190,10 @@ async def test_a_running_guest_on_rbd_moves_live_to_the_other_node(cluster, bus,
         reply = await api.post(f"/nodes/n1/qemu/{vmid}/migrate", target="n2", online=1)
         assert reply.status == 200, reply
         assert (await finished(api, reply.data, timeout=180))["exitstatus"] == "OK"
+        log = await api.get(f"/nodes/n1/tasks/{reply.data}/log", limit=100)
+        lines = [line["t"] for line in log.data]
+        assert any(line.startswith("migration finished in") for line in lines), lines
+        print("\n".join(lines))  # the figures, shown with pytest -s
 
         config = await api.get(f"/nodes/n2/qemu/{vmid}/config")
         assert config.status == 200 and config.data["scsi0"] == record.config["scsi0"]
