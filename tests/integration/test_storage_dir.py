@@ -8,6 +8,7 @@ import http.server
 import json
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,14 +16,17 @@ import nats.js.errors
 import pytest
 
 from rucher.bus import KV
+from rucher.bus.codec import encode
 from rucher.guests import config_digest
 from rucher.proto import compute
 from rucher.proto import storage as s
+from rucher.proto.bus import AppliedCommand
 from rucher.proto.common import PowerState
 from rucher.proto.errors import ErrorCode
 from rucher.proto.guest import GuestRecord, GuestType
+from rucher.proto.keys import make_key
 from rucher.proto.storage import ContentType, DiskFormat, StorageDefinition, StorageType
-from rucher.proto.streams import GUESTS, UPLOADS
+from rucher.proto.streams import GUESTS, IDEMPOTENCY, UPLOADS
 from rucher.testing.nats import NatsServer
 
 from .buses import connected, until
@@ -177,6 +181,42 @@ async def test_a_repeated_command_is_applied_once(bus, local):
         "vm-120-disk-0.raw",
         "vm-120-disk-1.raw",
     ]
+
+
+async def test_a_command_recorded_before_the_service_started_is_not_applied_again(stack, bus):
+    url, root = stack
+    idempotency: KV[AppliedCommand] = KV(bus, IDEMPOTENCY, AppliedCommand)
+
+    async def recorded(volid: str) -> str:
+        """A command id whose reply a predecessor on node n2 recorded."""
+        command_id = cid()
+        info = s.VolumeInfo(volid=volid, content=ContentType.IMAGES, format="raw", size=1)
+        reply = encode(s.VolumeDetails(volume=info))
+        record = AppliedCommand(applier="storage", time=time.time(), reply=reply)
+        await idempotency.put(make_key("storage", command_id), record)
+        return command_id
+
+    early, late = (
+        await recorded("local:141/vm-141-disk-5.raw"),
+        await recorded("local:141/vm-141-disk-6.raw"),
+    )
+    local = root / "local-n2"
+    # The registry TTL (3 s) and this grace make the settling time: then only the list counts.
+    process = start_storage(url, root / "state-n2", node="n2", RUCHER_STORAGE_LOCAL_PATH=str(local),
+                            RUCHER_SHUTDOWN_GRACE="0.5")  # fmt: skip
+    try:
+        await wait_ready(url, process, node="n2")
+        first = await allocate(bus, 141, command_id=early, node="n2")
+        assert first.volid == "local:141/vm-141-disk-5.raw"  # the recorded reply, not a new disk
+        assert not (local / "images/141").exists()
+        await asyncio.sleep(3.6)
+        second = await allocate(bus, 141, command_id=late, node="n2")
+        assert second.volid == "local:141/vm-141-disk-6.raw"  # listed at start, so still looked up
+        fresh = await allocate(bus, 141, node="n2")
+        assert fresh.volid == "local:141/vm-141-disk-0.raw"
+        assert [p.name for p in (local / "images/141").iterdir()] == ["vm-141-disk-0.raw"]
+    finally:
+        stop_storage(process)
 
 
 async def test_resize_grows_and_never_shrinks(bus, local):

@@ -71,7 +71,11 @@ async def setup(context: ServiceContext) -> None:
         events=events,
         copier=copier,
     )
-    await serve(bus, storage, definitions, transfers, AppliedReplies(bus))
+    replies = AppliedReplies(bus)
+    # A predecessor on this node answers node commands until it has stopped: until then, and
+    # for any cluster-wide command, a repeat is looked up in the bucket.
+    await replies.start(settle=context.settings.shutdown_grace + context.settings.registry_ttl)
+    await serve(bus, storage, definitions, transfers, replies)
     publisher = asyncio.create_task(publish_status(storage, settings.status_interval))
 
     async def stop_publishing() -> None:

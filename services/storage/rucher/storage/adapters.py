@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +25,7 @@ from rucher.bus import KV, Bus, RucherError
 from rucher.bus.codec import decode, encode
 from rucher.bus.kv import Operation
 from rucher.proto import compute, container
-from rucher.proto.base import Address, RpcSubject
+from rucher.proto.base import Address, RpcSubject, Scope
 from rucher.proto.bus import AppliedCommand
 from rucher.proto.common import PowerState
 from rucher.proto.errors import ErrorCode
@@ -374,6 +375,12 @@ class AppliedReplies:
     Replies live in the ``idempotency`` bucket (written just after answering) and, for the
     repeats that reach this process at once, in memory: a repeat of a command still running
     waits for its outcome, a repeat of one just answered gets the same reply.
+
+    A node's volume commands reach only that node's storage service, so once :meth:`start` has
+    listed the ids already recorded and any predecessor on this node has had time to stop
+    (``settle``), an id that is neither listed nor recorded since is new: no bucket lookup is
+    needed before applying it. Cluster-wide commands, which any instance may answer, and every
+    command during the settling time still look in the bucket first.
     """
 
     def __init__(self, bus: Bus, *, remembered: int = 4096) -> None:
@@ -383,6 +390,21 @@ class AppliedReplies:
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._running: dict[str, asyncio.Future[bytes]] = {}
         self._pending: set[asyncio.Task[None]] = set()
+        # Ids recorded in the bucket (listed at start, then our own), oldest first, with when.
+        self._applied: OrderedDict[str, float] = OrderedDict()
+        self._listed_after = math.inf
+
+    async def start(self, *, settle: float) -> None:
+        """List the ids already recorded; trust the list for node commands after ``settle`` s."""
+        entries = await self.kv.entries(f"{encode_token(self.applier)}.>")
+        listed = sorted(
+            (entry.value.time, decode_token(entry.key.rsplit(".", 1)[-1]))
+            for entry in entries
+            if entry.value is not None
+        )
+        for recorded, command_id in listed:
+            self._applied[command_id] = recorded
+        self._listed_after = time.monotonic() + settle
 
     def once(
         self, subject: RpcSubject[T, R], operation: Callable[[T], Awaitable[R]]
@@ -400,7 +422,7 @@ class AppliedReplies:
             outcome: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
             self._running[command_id] = outcome
             try:
-                known = await self.known(command_id)
+                known = await self.known(command_id, node=subject.scope is Scope.NODE)
                 reply = decode(known, subject.reply) if known is not None else None
                 if reply is None:
                     reply = await operation(message)
@@ -430,15 +452,26 @@ class AppliedReplies:
     def _key(self, command_id: str) -> str:
         return make_key(self.applier, command_id)
 
-    async def known(self, command_id: str) -> bytes | None:
-        """The encoded reply already given to ``command_id``, if any."""
+    async def known(self, command_id: str, *, node: bool = False) -> bytes | None:
+        """The encoded reply already given to ``command_id``, if any.
+
+        For a ``node`` command the list of recorded ids answers "none" without a lookup, once
+        it can be trusted (see the class).
+        """
+        listed = time.monotonic() >= self._listed_after
+        if node and listed and command_id not in self._applied:
+            return None
         entry = await self.kv.get(self._key(command_id))
         return entry.value.reply if entry is not None and entry.value is not None else None
 
     async def record(self, command_id: str, reply: bytes, delay: float = 0.0) -> None:
         """Remember the reply (best effort: a lost record only weakens de-duplication)."""
+        now = time.time()
+        self._applied[command_id] = now
+        while self._applied and next(iter(self._applied.values())) < now - IDEMPOTENCY.max_age:
+            self._applied.popitem(last=False)  # the bucket has forgotten it too
         await asyncio.sleep(delay)
-        record = AppliedCommand(applier=self.applier, time=time.time(), reply=reply)
+        record = AppliedCommand(applier=self.applier, time=now, reply=reply)
         try:
             await self.kv.put(self._key(command_id), record)
         except RucherError as err:
