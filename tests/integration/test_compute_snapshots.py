@@ -188,7 +188,7 @@ async def test_a_running_vm_snapshots_with_its_ram_grows_a_disk_and_keeps_pendin
         def booted() -> bool:
             return console.exists() and guest_image.banner in console.read_text(errors="replace")
 
-        await until(booted, timeout=90, every=0.2)
+        await until(booted, timeout=180, every=0.2)
         await ok(bus, compute.SNAPSHOT_CREATE, cmd(compute.VmSnapshotCreate, vmid, snapname="live"))
         await ok(
             bus,
