@@ -197,7 +197,8 @@ class Host:
         bound = self.sysfs.link(f"{PCI}/{address}/driver")
         if bound != VFIO:
             self._restore(address, current or "")
-            raise HostError(f"{address} is bound to {bound or 'no driver'}, not {VFIO}")
+            hint = " (is the vfio-pci module loaded?)" if bound is None else ""
+            raise HostError(f"{address} is bound to {bound or 'no driver'}, not {VFIO}{hint}")
         return current or ""
 
     def _restore(self, address: str, original: str | None) -> None:
