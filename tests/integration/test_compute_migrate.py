@@ -316,3 +316,25 @@ async def test_a_migration_cut_off_midway_leaves_the_guest_running_at_home(
     assert cluster.domains("n1") == {name: True}
     assert cluster.domains("n2") == {}
     assert not list((n2.state_dir / "local").rglob(f"vm-{vmid}-*"))  # its twin disk is freed
+
+
+async def test_a_stopped_guest_copies_its_local_disk_and_stays_stopped(cluster, bus, guest_image):
+    vmid = 990_641
+    name = f"rucher-{vmid}"
+    await create(bus, vmid, guest_image, start=False, scsi0="local:0.1,format=qcow2")
+    relative = Path("images") / str(vmid) / f"vm-{vmid}-disk-0.qcow2"
+    source = cluster.harness.node("n1").state_dir / "local" / relative
+    target = cluster.harness.node("n2").state_dir / "local" / relative
+
+    command = migrate(vmid, "n2", with_local_disks=True)
+    await finished_ok(bus, await ask(bus, "n1", compute.GUEST_MIGRATE, command))
+
+    assert (await GuestRegistry(bus).get(vmid)).node == "n2"
+    assert cluster.domains("n2") == {name: False}
+    assert name not in cluster.domains("n1")
+    assert target.exists() and not source.exists()
+    # It crossed over paused and never ran: its console on either node is silent.
+    assert guest_image.banner not in cluster.console("n1", vmid) + cluster.console("n2", vmid)
+    start = compute.VmStart(command_id=new_id(), vmid=vmid, user=USER)
+    await finished_ok(bus, await ask(bus, "n2", compute.GUEST_START, start))
+    await until(lambda: guest_image.banner in cluster.console("n2", vmid), timeout=60)

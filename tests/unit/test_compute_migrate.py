@@ -217,13 +217,29 @@ async def test_a_refused_migration_names_its_reason_and_changes_nothing(
     assert not any(task == "qmigrate" for task, _ in pair["n1"].tasks.ended)
 
 
-async def test_local_disks_are_copied_only_by_a_live_migration(pair):
+async def test_a_stopped_guests_local_disks_cross_over_paused_and_it_stays_stopped(pair):
     await make_guest(pair, 100, running=False, scsi0="local:1")
-    with pytest.raises(RucherError) as caught:
-        await pair["n1"].migrator.migrate(migrate(100, with_local_disks=True))
-    assert caught.value.code is ErrorCode.UNSUPPORTED
-    assert caught.value.details == {"field": "with-local-disks"}
-    assert pair.guests.records[100].lock is None
+
+    await pair["n1"].migrator.migrate(migrate(100, with_local_disks=True))
+
+    assert pair["n1"].tasks.ended[-1] == ("qmigrate", "OK")
+    assert ("start_paused", domain_name(100)) in pair["n1"].hypervisor.calls
+    assert pair.guests.records[100].node == "n2"
+    assert pair.guests.records[100].config["scsi0"].startswith("local:100/vm-100-disk-1.raw")
+    assert pair["n1"].hypervisor.domains_by_name == {}
+    assert pair["n2"].hypervisor.domains_by_name[domain_name(100)].state is PowerState.STOPPED
+
+
+async def test_a_failed_offline_copy_stops_the_paused_guest_again(pair):
+    await make_guest(pair, 100, running=False, scsi0="local:1")
+    pair["n1"].hypervisor.refuse_migrate = "NBD: connection refused"
+
+    await pair["n1"].migrator.migrate(migrate(100, with_local_disks=True))
+
+    assert "connection refused" in pair["n1"].tasks.ended[-1][1]
+    assert pair.guests.records[100].node == "n1"
+    assert pair["n1"].hypervisor.domains_by_name[domain_name(100)].state is PowerState.STOPPED
+    assert [v for v in pair.volumes.volumes if "100" in v] == ["local:100/vm-100-disk-0.raw"]
 
 
 async def test_a_live_migration_copies_local_disks_to_new_volumes_on_the_target(pair):

@@ -4,7 +4,9 @@ The source agent drives a migration as a task. It locks the guest (``migrate``),
 agent to prepare (the target checks the guest fits, maps its disks through its own storage
 service, defines the cephx secrets they need and renders the domain for itself), then either
 streams the running guest to the target's libvirtd, or, for a stopped guest, moves nothing but
-the definition. Ownership moves (``rucher.guests`` transfer, fenced by the guest's owner token)
+the definition. Local disks (``with-local-disks``) are copied by QEMU's NBD mirror into twins the
+target allocates; a stopped guest with local disks crosses over as a paused domain, never run.
+Ownership moves (``rucher.guests`` transfer, fenced by the guest's owner token)
 only once the guest runs on the target; before that every failure leaves the guest where it was,
 running, and libvirt leaves nothing on the target. The target defines the guest on ``finish``.
 """
@@ -271,7 +273,7 @@ class Migrator:
                 f"can't migrate local disk '{local[0].volid}': use --with-local-disks "
                 "(or move it to shared storage)",
             )
-        copies = await self._copies(command, record.config, local, running) if local else ()
+        copies = await self._copies(command, record.config, local) if local else ()
         record = await self.guests.set_lock(command.vmid, GuestLock.MIGRATE)
 
         async def body(task: TaskLog) -> None:
@@ -299,20 +301,14 @@ class Migrator:
         command: compute.VmMigrate,
         config: Mapping[str, str],
         local: tuple[compute.LocalDisk, ...],
-        running: bool,
     ) -> tuple[compute.DiskCopy, ...]:
-        """What a live migration with ``with-local-disks`` copies, each disk with its target."""
+        """What a migration with ``with-local-disks`` copies, each disk with its target."""
 
         def unsupported(message: str) -> RucherError:
             return RucherError(
                 ErrorCode.UNSUPPORTED, message, details={"field": "with-local-disks"}
             )
 
-        if not running:
-            raise unsupported(
-                "copying local disks is done by a live migration: start the VM and migrate it "
-                "with --online (offline copies are not supported yet)"
-            )
         for disk in local:
             if disk.cdrom:
                 raise admission.invalid(
@@ -351,6 +347,9 @@ class Migrator:
         vmid, target, name = command.vmid, command.target, domain_name(command.vmid)
         kind = "online" if running else "offline"
         await task.log(f"starting {kind} migration of VM {vmid} to node '{target}'")
+        # Disks copy only on the live path (QEMU's NBD mirror): a stopped guest with local disks
+        # moves as a paused domain whose vCPUs never run, and is stopped on the target after.
+        live = running or bool(copies)
         ready = await self.peers.prepare(
             target,
             compute.VmMigratePrepare(
@@ -358,17 +357,19 @@ class Migrator:
                 vmid=vmid,
                 user=command.user,
                 source=self.node,
-                online=running,
+                online=live,
                 copy_disks=copies,
             ),
         )
         for copy in copies:
             await task.log(f"{copy.key}: copying '{copy.volid}' to '{ready.volumes[copy.key]}'")
         downtime: float | None = None
-        if running:
-            await task.log(f"migrating the running VM to {ready.peer_uri} ({ready.migrate_uri})")
+        if live:
+            await task.log(f"migrating the VM to {ready.peer_uri} ({ready.migrate_uri})")
             started = time.monotonic()
             try:
+                if not running:
+                    await self.service.hypervisor.start_paused(name)
                 await self.service.hypervisor.migrate(
                     name,
                     MigrationTarget(
@@ -382,9 +383,12 @@ class Migrator:
                 )
             except BaseException:
                 await self._abort(target, command)
+                if not running:
+                    await self.service.hypervisor.stop(name)
                 raise
             downtime = time.monotonic() - started
-            await task.log(f"migration finished in {downtime:.1f} s: VM runs on '{target}'")
+            where = "runs" if running else "is"
+            await task.log(f"migration finished in {downtime:.1f} s: VM {where} on '{target}'")
         # While this node still owns the guest, its storage service sees the disks detached here.
         for copy in copies:
             try:
@@ -532,9 +536,14 @@ class Migrator:
         """The guest is this node's now: define a moved stopped guest, publish its state."""
         record = await self._owned(command.vmid)
         self._incoming.pop(command.vmid, None)
-        info = await self.service.hypervisor.info(domain_name(command.vmid))
+        name = domain_name(command.vmid)
+        info = await self.service.hypervisor.info(name)
         if info is None:
             await self.service.define(record)
+        elif not command.online and info.state is not PowerState.STOPPED:
+            # A stopped guest crossed over paused (to copy its disks): stopped it stays.
+            await self.service.hypervisor.stop(name)
+            info = None
         state = PowerState.STOPPED if info is None else info.state
         await self.service.state_changed(command.vmid, state, None, None)
         return Done()

@@ -186,6 +186,14 @@ class FakeHypervisor:
         self.calls.append(("define_secret", usage))
         self.secrets[usage] = value
 
+    async def start_paused(self, name: str) -> None:
+        """Mark paused."""
+        domain = self._get(name)
+        if domain.state is not PowerState.STOPPED:
+            raise RucherError(ErrorCode.INTERNAL, "libvirt: domain is already running")
+        self.calls.append(("start_paused", name))
+        domain.state = PowerState.PAUSED
+
     async def migrate(self, name: str, target: MigrationTarget) -> None:
         """Move the running domain to the peer registered under ``target.peer_uri``."""
         domain = self._running(name)

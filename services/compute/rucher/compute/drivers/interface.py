@@ -115,6 +115,9 @@ class Hypervisor(Protocol):
     async def define_secret(self, usage: str, value: bytes) -> None:
         """Define (or update) the ``ceph`` secret named ``usage`` with ``value`` (the raw key)."""
 
+    async def start_paused(self, name: str) -> None:
+        """Start a defined domain with its vCPUs paused (it runs no guest code)."""
+
     async def migrate(self, name: str, target: MigrationTarget) -> None:
         """Move running domain ``name`` to ``target``'s hypervisor; on failure it runs here still.
 

@@ -327,6 +327,12 @@ class LibvirtHypervisor:
 
         await self._call(work)
 
+    async def start_paused(self, name: str) -> None:
+        """Start a defined domain with its vCPUs paused."""
+        await self._call(
+            lambda: self._domain(name).createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+        )
+
     async def migrate(self, name: str, target: MigrationTarget) -> None:
         """Live-migrate peer to peer: this libvirtd drives the target's over ``peer_uri``.
 
