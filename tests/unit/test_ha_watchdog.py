@@ -124,6 +124,50 @@ async def test_a_lost_lease_kills_at_once_and_a_new_lease_has_a_new_epoch():
     await watchdog.stop()
 
 
+async def test_a_clean_fence_gives_the_epoch_up_and_renews_it_never_again():
+    lease, kill = FakeLease(FAST.lease_ttl), FakeKiller()
+    watchdog = await _armed(lease, kill)
+    lease.failing = "hang"
+    await asyncio.sleep(FAST.lease_ttl)
+    assert watchdog.state is WatchdogState.FENCED
+    assert lease.released, "the fenced epoch is released at once"
+    await watchdog.stop()
+
+
+async def test_a_ha_guest_appearing_while_fenced_is_killed_again():
+    lease, kill = FakeLease(FAST.lease_ttl), FakeKiller()
+    running = {"now": False}
+
+    async def present(vmids: frozenset[int]) -> bool:
+        return running["now"]
+
+    watchdog = await _armed(lease, kill, present=present)
+    lease.failing = "unavailable"
+    await asyncio.sleep(FAST.lease_ttl)
+    assert watchdog.state is WatchdogState.FENCED
+    calls = len(kill.calls)
+    running["now"] = True  # someone started an HA guest here under the dead epoch
+    await asyncio.sleep(FAST.tick * 5)
+    assert len(kill.calls) > calls
+    running["now"] = False
+    lease.failing = None
+    await asyncio.sleep(FAST.renew_interval * 3)
+    assert watchdog.state is WatchdogState.ARMED
+    calls = len(kill.calls)
+    running["now"] = True  # armed again: HA guests may run
+    await asyncio.sleep(FAST.tick * 5)
+    assert len(kill.calls) == calls
+    await watchdog.stop()
+
+
+async def test_an_acquisition_that_timed_out_is_armed_by_the_next_renewal():
+    lease, kill = FakeLease(FAST.lease_ttl), FakeKiller()
+    watchdog = NodeWatchdog(lease, frozenset, kill, FAST)
+    lease.token, lease.deadline = 42, time.monotonic() + FAST.lease_ttl  # held, never confirmed
+    await watchdog._renew_once()
+    assert watchdog.state is WatchdogState.ARMED and watchdog.epoch == 42
+
+
 async def test_start_sweeps_leftover_ha_guests_before_any_lease():
     lease, kill = FakeLease(FAST.lease_ttl), FakeKiller()
     watchdog = await _armed(lease, kill)

@@ -21,16 +21,25 @@ from typing import Protocol
 
 import structlog
 
+from rucher import qemuproc
 from rucher.bus import RucherError
 from rucher.ha.config import WatchdogSettings
 from rucher.ha.guard import encode_arm
+from rucher.ha.killer import local_ha_processes
 from rucher.proto.errors import ErrorCode
 
 log = structlog.get_logger("rucher.ha.watchdog")
 
 RETRY_INTERVAL = 0.25
 Killer = Callable[[frozenset[int]], Awaitable[tuple[list[int], bool]]]
+Probe = Callable[[frozenset[int]], Awaitable[bool]]
 FencedCallback = Callable[[list[int], int, float], Coroutine[None, None, None]]
+
+
+async def ha_guests_present(vmids: frozenset[int]) -> bool:
+    """Whether a QEMU process of one of ``vmids`` runs in this node's network namespace."""
+    netns = qemuproc.own_netns()
+    return bool(await asyncio.to_thread(local_ha_processes, vmids, netns))
 
 
 def node_lease_name(node: str) -> str:
@@ -131,6 +140,7 @@ class NodeWatchdog:
         guard: GuardLink | None = None,
         on_fenced: FencedCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
+        present: Probe = ha_guests_present,
     ) -> None:
         self.lease = lease
         self.ha_vmids = ha_vmids
@@ -139,7 +149,9 @@ class NodeWatchdog:
         self.guard = guard
         self.on_fenced = on_fenced
         self.clock = clock
+        self.present = present
         self.state = WatchdogState.WAITING
+        self._dropping: asyncio.Task[None] | None = None
         self.fenced_token: int | None = None
         self._held_token: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -170,6 +182,8 @@ class NodeWatchdog:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self._dropping is not None:
+            self._dropping.cancel()
         unprotected = self.state is WatchdogState.ARMED and bool(self.ha_vmids())
         if not unprotected:
             with contextlib.suppress(RucherError):
@@ -183,13 +197,7 @@ class NodeWatchdog:
         while True:
             try:
                 async with asyncio.timeout(every):
-                    if self.lease.token is None:
-                        if await self.lease.try_acquire():
-                            self.state = WatchdogState.ARMED
-                            self._held_token = self.lease.token
-                            log.info("ha_lease_acquired", token=self.lease.token)
-                    else:
-                        await self.lease.renew()
+                    await self._renew_once()
             except TimeoutError:
                 log.warning("ha_lease_renewal_slow", timeout=every)
                 continue
@@ -203,6 +211,20 @@ class NodeWatchdog:
                 continue
             await asyncio.sleep(every)
 
+    async def _renew_once(self) -> None:
+        if self._dropping is not None:
+            return  # the fenced lease is being given up: it must never be extended again
+        if self.lease.token is None:
+            await self.lease.try_acquire()
+        else:
+            await self.lease.renew()
+        # Armed only once a write under the token is confirmed (an acquisition whose renewal
+        # timed out is finished by the next renewal).
+        if self.lease.token is not None and self.state is not WatchdogState.ARMED:
+            self.state = WatchdogState.ARMED
+            self._held_token = self.lease.token
+            log.info("ha_lease_acquired", token=self.lease.token)
+
     async def _enforce_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.tick)
@@ -212,8 +234,12 @@ class NodeWatchdog:
         """One check: past the deadline, kill; tell the guard the deadlines in force."""
         now = self.clock()
         vmids = self.ha_vmids()
-        if self.state is not WatchdogState.FENCED and now >= self.kill_at():
+        if self.state is WatchdogState.ARMED and now >= self.kill_at():
             await self.fence("deadline")
+        elif self.state is not WatchdogState.ARMED and vmids and await self.present(vmids):
+            # No HA guest may run here without a held lease, whoever started it (a start made
+            # under an epoch that a late renewal kept alive after the fence, for one).
+            await self.sweep()
         if self.guard is not None:
             guard_at = self.kill_at() + self.settings.destroy_timeout
             await self.guard.arm(guard_at, self.lease.deadline, vmids)
@@ -230,10 +256,15 @@ class NodeWatchdog:
             started = self.clock()
             killed, clean = await self.killer(vmids)
             # A new lease (a new epoch) is needed before HA guests may run here again.
-            self.lease.token = None
             self._held_token = None
             self.state = WatchdogState.FENCED
             self.fenced_token = token
+            if clean and self.lease.token is not None:
+                # Every HA guest is dead: give the epoch up now, so the others need not wait
+                # for it to expire (it still expires on its own if the bus does not answer).
+                self._dropping = asyncio.create_task(self._drop_lease())
+            else:
+                self.lease.token = None
             quiet = reason == "startup" and not killed
             (log.info if quiet else log.warning)(
                 "ha_startup_sweep" if quiet else "ha_self_fenced",
@@ -246,3 +277,20 @@ class NodeWatchdog:
             )
         if self.on_fenced is not None and killed:
             asyncio.get_running_loop().create_task(self.on_fenced(killed, token, deadline))
+
+    async def _drop_lease(self) -> None:
+        try:
+            async with asyncio.timeout(self.settings.lease_ttl):
+                await self.lease.release()
+            log.info("ha_fenced_lease_released")
+        except (TimeoutError, RucherError) as err:
+            log.warning("ha_fenced_lease_not_released", error=str(err))
+        finally:
+            self.lease.token = None
+            self._dropping = None
+
+    async def sweep(self) -> None:
+        """Kill HA guests found running while no lease is held (the lease stays as it is)."""
+        async with self._killing:
+            killed, clean = await self.killer(self.ha_vmids())
+        log.warning("ha_guest_killed_without_lease", killed=killed, clean=clean)
