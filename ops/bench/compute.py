@@ -304,6 +304,8 @@ def main() -> None:
         f"direct virDomainCreate p50 {direct_p50:.1f} ms "
         f"(min {min(direct):.1f}, max {max(direct):.1f})"
     )
+    paired = statistics.median(api - plain for api, plain in zip(via_api, direct, strict=True))
+    print(f"p50 of the paired differences (API round i - direct round i): {paired:.1f} ms")
     verdict = "meets" if overhead <= OVERHEAD_TARGET_MS else "misses"
     print(f"API overhead p50 {overhead:.1f} ms: {verdict} the {OVERHEAD_TARGET_MS:.0f} ms target")
     print(f"{args.creates} concurrent creates with a disk each: {rate:.2f} creates/s")

@@ -101,7 +101,6 @@ class ConsoleSessions:
         self.power = power
         self.node = node
         self.attach_timeout = attach_timeout
-        self.active: set[str] = set()
 
     async def open(self, query: compute.VmConsoleOpen) -> compute.ConsoleOpened:
         """Open the console of ``query.vmid`` and start relaying it in a task."""
@@ -133,7 +132,6 @@ class ConsoleSessions:
             raise
 
         async def body(task: TaskLog) -> None:
-            self.active.add(query.session)
             try:
                 await task.log(f"console of VM {query.vmid} ({query.serial}) opened")
                 try:
@@ -145,7 +143,6 @@ class ConsoleSessions:
                 reason = await relay(port, stream)
                 await task.log(f"console closed: {reason}")
             finally:
-                self.active.discard(query.session)
                 await port.close()
                 await stream.close("console session ended")
 
