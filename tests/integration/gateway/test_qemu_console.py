@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from rucher.testing.libvirt import GuestImage, guest_image, libvirtd  # noqa: F401 - fixtures
 
-from .stack import ADMIN, ADMIN_PASSWORD, NODE, Api, Stack, logged_in
+from .stack import ADMIN, ADMIN_PASSWORD, NODE, Api, Stack, logged_in, make_user, unique
 from .test_qemu_helpers import finished, make_vm, start_agent
 
 pytest.importorskip("libvirt")
@@ -333,3 +333,35 @@ async def test_an_aarch64_guest_boots_its_kernel_under_emulation(agent, arm64_ke
         if reply.status == 200:
             await finished(admin, reply.data)
         await admin.close()
+
+
+async def test_an_api_token_opens_the_console_too(agent, running):
+    admin, vmid = running
+    reply = await admin.post(f"/access/users/{ADMIN}/token/{unique('ws')}", privsep=0)
+    assert reply.status == 200, reply
+    token = reply.data
+    header = {"Authorization": f"PVEAPIToken={token['full-tokenid']}={token['value']}"}
+    tokened = Api(agent, headers=header)
+    try:
+        opened = await _open(tokened, vmid)
+        assert opened["user"] == token["full-tokenid"]
+        url = _url(agent, vmid, opened["port"], opened["ticket"])
+        async with connect(url, ssl=_tls(), additional_headers=header) as socket:
+            await socket.send(f"{token['full-tokenid']}:{opened['ticket']}\n")
+            assert await asyncio.wait_for(socket.recv(), 10) == "OK"
+            await _until(socket, "/ # ", "\n")
+        # Another user, even one who may open consoles, cannot take a token's session.
+        opened = await _open(tokened, vmid)
+        url = _url(agent, vmid, opened["port"], opened["ticket"])
+        other = await make_user(
+            admin, grants=[(f"/vms/{vmid}", ["VM.Console"])], password="other-pass-1"
+        )
+        stranger = await logged_in(agent, other, "other-pass-1")
+        try:
+            with pytest.raises(websockets.exceptions.InvalidStatus):
+                async with connect(url, ssl=_tls(), additional_headers=_cookie(stranger)):
+                    pass
+        finally:
+            await stranger.close()
+    finally:
+        await tokened.close()
