@@ -163,6 +163,26 @@ async def test_passthrough_binds_the_whole_group_and_release_restores_drivers(tm
     assert node.events.ended == [(lease.lease_id, ReleaseReason.GUEST_STOPPED)]
 
 
+async def test_a_bind_failing_halfway_through_the_group_rolls_every_function_back(tmp_path):
+    node = synthetic_node(tmp_path)
+    kernel_write = node.kernel.write
+
+    def flaky(path: str, value: str) -> None:
+        if path == "bus/pci/drivers_probe" and value == "0000:41:00.1":
+            raise OSError(5, "Input/output error", path)  # the audio function will not probe
+        kernel_write(path, value)
+
+    node.kernel.write = flaky  # type: ignore[method-assign]
+    broker = node.broker()
+    await broker.reconcile()
+    with pytest.raises(RucherError, match="binding to vfio-pci failed"):
+        await broker.allocate(request(GpuKind.PASSTHROUGH, address="0000:41:00.0"))
+    assert drivers(node, "0000:41:00.0", "0000:41:00.1") == ["nvidia", "snd_hda_intel"]
+    for function in ("0000:41:00.0", "0000:41:00.1"):
+        assert node.kernel.read(f"{PCI}/{function}/driver_override") == "(null)"
+    assert node.store.leases == {}  # the pending record went with the change
+
+
 async def test_a_retry_gets_the_same_lease_and_a_taken_slot_is_refused(tmp_path):
     node = synthetic_node(tmp_path)
     broker = node.broker()

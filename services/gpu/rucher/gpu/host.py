@@ -201,24 +201,21 @@ class Host:
             raise HostError(f"{address} is bound to {bound or 'no driver'}, not {VFIO}{hint}")
         return current or ""
 
-    def _restore(self, address: str, original: str | None) -> None:
+    def _restore(self, address: str, original: str) -> None:
         self._write(f"{PCI}/{address}/driver_override", "\n")
         current = self.sysfs.link(f"{PCI}/{address}/driver")
-        if (
-            current is not None
-            and current != original
-            and (original is not None or current == VFIO)
-        ):
+        if current is not None and current != original:
             self._write(f"{DRIVERS}/{current}/unbind", address)
-        if original != "" and self.sysfs.link(f"{PCI}/{address}/driver") is None:
-            self._write("bus/pci/drivers_probe", address)  # the kernel finds its own driver
+        if original and self.sysfs.link(f"{PCI}/{address}/driver") is None:
+            # Straight to the driver it had: no probing, so no other driver can claim it.
+            self._write(f"{DRIVERS}/{original}/bind", address)
 
     async def bind_vfio(self, address: str) -> str:
         """Bind a function to vfio-pci; its previous driver ("" for none)."""
         return await self._run(lambda: self._bind_vfio(address))
 
-    async def restore_driver(self, address: str, original: str | None) -> None:
-        """Clear the override and rebind ``original`` ("" leaves it unbound, None: the kernel's)."""
+    async def restore_driver(self, address: str, original: str) -> None:
+        """Clear the override and rebind ``original`` ("" leaves the function unbound)."""
         await self._run(lambda: self._restore(address, original))
 
     # Mediated devices --------------------------------------------------------------------------
