@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -363,6 +364,23 @@ async def test_libvirt_destroys_only_running_ha_domains():
                 domain.destroy()
             domain.undefine()
         connection.close()
+
+
+async def test_a_hung_guard_is_replaced_instead_of_stalling_the_watchdog():
+    link = GuardLink(FAST)
+    now = time.monotonic()
+    await link.arm(now + 60, now + 61, frozenset())
+    first = link.pid
+    assert first is not None
+    os.kill(first, signal.SIGSTOP)  # hung: it reads nothing any more
+    started = time.monotonic()
+    for _ in range(3000):  # far more than a pipe holds
+        await link.arm(now + 60, now + 61, frozenset(range(1000, 1100)))
+        if link.pid != first:
+            break
+    assert time.monotonic() - started < 30
+    assert link.pid is not None and link.pid != first
+    await link.close(disarm=True)
 
 
 def test_vmid_of_only_reads_rucher_names():

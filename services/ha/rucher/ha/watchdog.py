@@ -105,9 +105,19 @@ class GuardLink:
         assert process.stdin is not None
         try:
             process.stdin.write(encode_arm(kill_at, expiry, vmids))
-            await process.stdin.drain()
+            # A guard that stopped reading (hung) must not stall the watchdog: replace it.
+            async with asyncio.timeout(self.settings.tick):
+                await process.stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
             log.warning("guard_unreachable")
+        except TimeoutError:
+            log.warning("guard_hung", pid=process.pid)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            replacement = await self._ensure()
+            assert replacement.stdin is not None
+            replacement.stdin.write(encode_arm(kill_at, expiry, vmids))
 
     async def close(self, *, disarm: bool) -> None:
         """Stop the guard: disarmed it exits quietly, otherwise it kills what it guards."""
