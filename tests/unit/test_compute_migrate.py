@@ -164,6 +164,14 @@ async def test_a_running_guest_on_rbd_moves_live_and_changes_owner_only_then(pai
     migrated = [e for e in pair["n1"].events.published if isinstance(e, compute.VmMigrated)]
     assert migrated and migrated[0].target == "n2" and migrated[0].online
 
+    # The guest never stopped: n1 says nothing of its state after the move, n2 says it runs.
+    def states(node: str) -> list[PowerState]:
+        events = pair[node].events.published
+        return [e.state for e in events if isinstance(e, compute.VmStateChanged)]
+
+    assert states("n1") == [PowerState.STOPPED, PowerState.RUNNING]  # its create and start
+    assert states("n2") == [PowerState.RUNNING]
+
 
 async def test_a_failed_live_migration_leaves_the_guest_running_where_it_was(pair):
     await make_guest(pair, 101, running=True, scsi0="ceph:1")

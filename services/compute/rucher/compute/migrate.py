@@ -430,9 +430,8 @@ class Migrator:
             # The target defines the guest from its config at its next start or reconcile.
             log.warning("migrate_finish_failed", vmid=vmid, target=target, error=err.message)
             await task.log(f"node '{target}' did not confirm: {err.message}")
-        await self.service.state_changed(
-            vmid, PowerState.STOPPED, PowerState.RUNNING if running else None, task.upid
-        )
+        # No state change from here: the guest did not stop, and the target's ``finish`` has
+        # published its state (a late STOPPED from this node would overwrite it in read models).
         migrated = compute.VmMigrated(
             **self.service.event_fields(),
             vmid=vmid,
