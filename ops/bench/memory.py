@@ -1,11 +1,11 @@
 """Memory benchmark: start the one-node stack, let it idle, report each process's RSS.
 
-Run: .venv/bin/python ops/bench/memory.py [--idle SECONDS]
+Run: .venv/bin/python ops/bench/memory.py [--idle SECONDS] [--settle SECONDS]
 
 Starts its own stack (a temporary state folder and free ports, so a stack from ops/up is left
-alone) through the same code as ops/up, lets it idle, samples every process's resident memory
-(VmRSS) once a second and reports the peak. Rucher's processes (every service and the
-supervisor) make the control plane; NATS and other daemons are listed apart and not counted.
+alone) through the same code as ops/up, lets it settle and idle, samples every process's
+resident memory (VmRSS) once a second and reports the peak. Rucher's processes (every service
+and the supervisor) make the control plane; NATS and other daemons are listed apart and not counted.
 Targets (DEVELOPERS.md): each service under 80 MiB, the whole control plane under 1 GiB.
 
 Last line: RESULT max_service_mib=<largest Rucher process> total_mib=<control plane sum>
@@ -53,6 +53,13 @@ def stack(command: str, env: dict[str, str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--idle", type=float, default=20.0, help="seconds to idle (default 20)")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        help="seconds after the stack reports ready before sampling (default 5): first-start work "
+        "such as hashing the bootstrap password is start-up, not idle",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rucher-memory-") as tmp:
         env = {
@@ -68,6 +75,7 @@ def main() -> None:
             pids = {name: child["pid"] for name, child in status["children"].items()}
             pids["supervisor"] = status["supervisor_pid"]
             peaks = dict.fromkeys(pids, 0.0)
+            time.sleep(args.settle)
             deadline = time.monotonic() + args.idle
             while time.monotonic() < deadline:
                 for name, pid in pids.items():
