@@ -305,6 +305,22 @@ async def test_kill_ha_guests_without_libvirt_falls_back_to_proc():
         process.wait()
 
 
+async def test_a_hung_libvirt_does_not_delay_the_proc_kill(monkeypatch):
+    monkeypatch.setattr(killer, "destroy_domains", lambda uri, vmids: time.sleep(3) or [])
+    process = fake_qemu(906)
+    try:
+        _wait_listed(906)
+        started = time.monotonic()
+        killed, clean = await killer.kill_ha_guests(
+            frozenset({906}), uri="qemu:///hung", destroy_timeout=0.3
+        )
+        assert killed == [906] and clean
+        assert time.monotonic() - started < 2.0
+    finally:
+        process.kill()
+        process.wait()
+
+
 async def test_guard_kills_when_its_parent_goes_away():
     process = fake_qemu(904)
     link = GuardLink(FAST)

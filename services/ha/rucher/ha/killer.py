@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import libvirt  # type: ignore[import-untyped]
@@ -25,6 +26,9 @@ log = structlog.get_logger("rucher.ha.killer")
 # The libvirt name of guest VMID is DOMAIN_PREFIX + VMID (the compute agent names them so).
 DOMAIN_PREFIX = "rucher-"
 GONE_PATIENCE = 2.0
+# libvirt calls get threads of their own: a hung libvirtd then blocks only these, never the
+# default pool the /proc kill runs in.
+LIBVIRT_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ha-libvirt")
 
 
 def vmid_of(name: str, prefix: str = DOMAIN_PREFIX) -> int | None:
@@ -98,7 +102,10 @@ async def kill_ha_guests(
     if uri and vmids:
         try:
             async with asyncio.timeout(destroy_timeout):
-                killed.update(await asyncio.to_thread(destroy_domains, uri, vmids))
+                loop = asyncio.get_running_loop()
+                killed.update(
+                    await loop.run_in_executor(LIBVIRT_THREADS, destroy_domains, uri, vmids)
+                )
         except TimeoutError:
             log.warning("destroy_timed_out", uri=uri, timeout=destroy_timeout)
         except libvirt.libvirtError as err:
