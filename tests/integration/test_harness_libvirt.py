@@ -93,3 +93,12 @@ def test_killing_a_node_kills_its_guests_and_restart_brings_libvirtd_back(
         assert domain.isActive()
     finally:
         connection.close()
+
+
+def test_libvirtd_runs_only_on_the_nodes_named(harness_factory):
+    harness = harness_factory(nodes=2, libvirt={"n2"})
+    n1, n2 = harness.node("n1"), harness.node("n2")
+    assert "libvirtd" not in n1.processes and "RUCHER_LIBVIRT_URI" not in n1.service_env("x")
+    assert n2.processes["libvirtd"].alive and n2.libvirtd.answers()
+    assert Harness.load(harness.run_id).node("n2").libvirt
+    assert not Harness.load(harness.run_id).node("n1").libvirt

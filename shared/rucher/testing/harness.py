@@ -23,7 +23,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -308,14 +308,17 @@ class Harness:
         *,
         run_id: str | None = None,
         detached: bool = False,
-        libvirt: bool = False,
+        libvirt: bool | Collection[str] = False,
         ceph: bool = False,
     ) -> None:
         if not 1 <= size <= 200:
             raise ValueError("a harness has 1 to 200 nodes")
         self.size = size
         self.root = root
-        self.libvirt = libvirt
+        # Which nodes run a libvirtd of their own: every one (True), none, or those named.
+        self.libvirt: bool | frozenset[str] = (
+            libvirt if isinstance(libvirt, bool) else frozenset(libvirt)
+        )
         self.ceph: CephCluster | None = None
         if ceph:
             # Imported here: a test module's ``pytest_plugins`` may load rucher.testing.ceph later.
@@ -379,8 +382,8 @@ class Harness:
             for node in self.nodes:
                 _wait_until(node.nats_ready, READY_TIMEOUT, f"{node.name}/nats ready")
             self.wait_cluster_whole()
-            if self.libvirt:
-                for node in self.nodes:
+            for node in self.nodes:
+                if node.libvirt:
                     node.start_libvirtd()
             if self.ceph is not None:
                 self._start_ceph(self.ceph)
@@ -419,7 +422,9 @@ class Harness:
                 routes=[r for r in routes if r != f"nats://{address}:{NATS_CLUSTER_PORT}"],
                 cluster_name=CLUSTER_NAME,
             )
-            node.libvirt = self.libvirt
+            node.libvirt = self.libvirt is True or (
+                not isinstance(self.libvirt, bool) and name in self.libvirt
+            )
             self.nodes.append(node)
             self.save()
             netns.ip("netns", "add", node.namespace)
@@ -529,7 +534,7 @@ class Harness:
             "run_id": self.run_id,
             "size": self.size,
             "root": str(self.root),
-            "libvirt": self.libvirt,
+            "libvirt": self.libvirt if isinstance(self.libvirt, bool) else sorted(self.libvirt),
             "ceph": str(self.ceph.root) if self.ceph is not None else None,
             "owner_pid": self.owner_pid,
             "owner_ticks": self.owner_ticks,

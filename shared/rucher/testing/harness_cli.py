@@ -35,7 +35,7 @@ def _print(harness: Harness) -> None:
             f"monitor http://{node.address}:{NATS_MONITOR_PORT}  runs: {running}"
         )
     print(f"  NATS servers: {','.join(harness.urls)}")
-    for node in harness.nodes if harness.libvirt else []:
+    for node in (node for node in harness.nodes if node.libvirt):
         print(f"  {node.name} libvirt: {node.libvirtd.uri} (peers: {node.libvirtd.peer_uri})")
     if harness.ceph is not None:
         state = "up" if harness.ceph.running else "down"

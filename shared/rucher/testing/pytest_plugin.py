@@ -9,7 +9,7 @@ are printed with the failure).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Collection, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -106,8 +106,9 @@ def _harness_unavailable() -> str | None:
 def harness_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HarnessFactory]:
     """Build multi-node harnesses: ``harness_factory(nodes=3, start=True) -> Harness``.
 
-    ``libvirt=True`` gives every node a libvirtd of its own (skipped where libvirtd cannot run);
-    ``ceph=True`` one Ceph on the bridge that every node uses (skipped where Ceph is missing).
+    ``libvirt=True`` gives every node a libvirtd of its own, ``libvirt={"n1"}`` the nodes named
+    (skipped where libvirtd cannot run); ``ceph=True`` one Ceph on the bridge that every node
+    uses (skipped where Ceph is missing).
 
     Skips the test when network namespaces cannot be created here (not root, no iproute2).
     Every harness it built is torn down at the end of the test, whatever happened.
@@ -118,7 +119,11 @@ def harness_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[
     built: list[Harness] = []
 
     def build(
-        nodes: int = 3, *, start: bool = True, libvirt: bool = False, ceph: bool = False
+        nodes: int = 3,
+        *,
+        start: bool = True,
+        libvirt: bool | Collection[str] = False,
+        ceph: bool = False,
     ) -> Harness:
         if libvirt and (why := libvirt_unavailable()) is not None:
             pytest.skip(f"a libvirtd per node is unavailable: {why}")
