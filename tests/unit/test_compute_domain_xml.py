@@ -121,7 +121,7 @@ def test_domain_xml_matches_golden(name):
         ({"scsi0": "none,media=cdrom", "scsihw": "buslogic"}, "scsihw"),
         ({"args": "-device foo"}, "args"),
         ({"serial0": "tcp:1234"}, "serial0"),
-        ({"hostpci0": "0000:01:00.0"}, "hostpci0"),
+        ({"hostpci0": "0000:01:00.0,colour=blue"}, "hostpci0"),
         ({"vga": "matrox"}, "vga"),
         ({"arch": "riscv64"}, "arch"),
         ({"arch": "aarch64", "ide2": "none,media=cdrom"}, "ide2"),

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rucher.bus import RucherError
+from rucher.compute import gpu
 from rucher.compute.disks import UNUSED_KEY, VOLUME_ID
 from rucher.compute.domain_xml import (
     DISK_KEY,
@@ -74,15 +75,19 @@ def render(
     config: Mapping[str, str],
     facts: HostFacts,
     volumes: Mapping[str, str] | None = None,
+    hostdevs: Mapping[str, str] | None = None,
 ) -> str:
     """The domain XML of ``config``, or ``invalid`` naming the first key at fault.
 
     ``volumes`` are the mapped storage disks by key; without them the config is only checked.
+    ``hostdevs`` are the ``<hostdev>`` elements the GPU broker leased, by ``hostpciN`` key.
     """
     domain_config = {key: value for key, value in config.items() if not _bookkeeping(key)}
     disks = disk_elements(domain_config, volumes)
+    gpu.requests(domain_config)
+    spec = DomainSpec(vmid=vmid, config=domain_config, disks=disks, hostdevs=hostdevs or {})
     try:
-        return domain_xml(DomainSpec(vmid=vmid, config=domain_config, disks=disks), facts)
+        return domain_xml(spec, facts)
     except DomainConfigError as err:
         raise invalid(err.field, f"{err.field}: {err.message}") from err
 

@@ -36,6 +36,7 @@ DEFAULT_MEMORY_MIB = 512
 
 DISK_KEY = re.compile(r"^(ide|sata|scsi|virtio)(\d+)$")
 NET_KEY = re.compile(r"^net(\d+)$")
+HOSTPCI_KEY = re.compile(r"^hostpci([0-9]|1[0-5])$")
 # Keys that only Rucher's control plane reads: they change nothing in the domain definition.
 META_KEYS = frozenset(
     {"name", "onboot", "startup", "tags", "protection", "template", "lock", "digest", "smbios1",
@@ -84,6 +85,7 @@ class DomainSpec:
     vmid: int
     config: Mapping[str, str]
     disks: Mapping[str, str] = field(default_factory=dict)
+    hostdevs: Mapping[str, str] = field(default_factory=dict)
 
 
 @cache
@@ -127,6 +129,26 @@ def parse_net(value: str, key: str = "net0") -> dict[str, Any]:
 def parse_disk(value: str, key: str = "scsi0") -> dict[str, Any]:
     """A disk value (``scsiN``, ``virtioN``...) as a dict with ``file`` first."""
     return _parse(key, value, "qemu-scsi")
+
+
+def parse_hostpci(value: str, key: str = "hostpci0") -> dict[str, Any]:
+    """A ``hostpciN`` value as a dict (``host``, ``mapping``, ``mdev``, ``rombar``...)."""
+    return _parse(key, value, "pve-qm-hostpci")
+
+
+def _hostdev(devices: ET.Element, key: str, value: str, leased: str | None) -> None:
+    """The ``<hostdev>`` elements the GPU broker leased for ``key`` (none while only checked)."""
+    options = parse_hostpci(value, key)
+    if leased is None:
+        return
+    for element in ET.fromstring(f"<leased>{leased}</leased>"):  # noqa: S314 - the broker's
+        if options.get("rombar") is False or "romfile" in options:
+            rom = _sub(element, "rom")
+            if options.get("rombar") is False:
+                rom.set("bar", "off")
+            if "romfile" in options:
+                rom.set("file", f"/usr/share/kvm/{options['romfile']}")
+        devices.append(element)
 
 
 def _parse(key: str, value: str, fmt: str) -> dict[str, Any]:
@@ -438,6 +460,8 @@ def _check_keys(config: Mapping[str, str]) -> None:
     for key in config:
         if key in handled or key in META_KEYS or DISK_KEY.match(key) or NET_KEY.match(key):
             continue
+        if HOSTPCI_KEY.match(key):
+            continue
         if is_cloudinit_key(key):
             continue
         raise DomainConfigError(key, "not supported by this compute agent yet")
@@ -525,6 +549,8 @@ def domain_xml(spec: DomainSpec, facts: HostFacts) -> str:
         _net(devices, key, config[key], order.index(key) + 1 if key in order else None)
     for key in sorted(key for key in config if key.startswith("serial")):
         _serial(devices, key, config[key], spec.vmid, facts)
+    for key in sorted((key for key in config if HOSTPCI_KEY.match(key)), key=_device_sort):
+        _hostdev(devices, key, config[key], spec.hostdevs.get(key))
     _display(devices, config, facts)
     balloon = _int(config, "balloon", 1)
     _sub(devices, "memballoon", model="virtio" if balloon else "none")

@@ -14,7 +14,7 @@ import structlog
 
 from rucher.bus import RucherError
 from rucher.bus.client import new_id
-from rucher.compute import admission, claims, destroy, disks, pending
+from rucher.compute import admission, claims, destroy, disks, gpu, pending
 from rucher.compute.disks import VolumeStore
 from rucher.compute.domain_xml import HostFacts, domain_name, vmid_of
 from rucher.compute.drivers.interface import DomainInfo, Hypervisor
@@ -30,6 +30,7 @@ from rucher.proto.cluster import (
 )
 from rucher.proto.common import GuestCommand, PowerState
 from rucher.proto.errors import ErrorCode
+from rucher.proto.gpu import ReleaseReason
 from rucher.proto.guest import GuestLock, GuestRecord, GuestType
 from rucher.proto.task import TaskAccepted
 
@@ -155,6 +156,7 @@ class ComputeService:
         claim_client: claims.ClaimClient | None = None,
         fence: FenceGuard | None = None,
         pools: PoolDirectory | None = None,
+        gpu_broker: gpu.Broker | None = None,
     ) -> None:
         self.hypervisor = hypervisor
         self.guests = guests
@@ -168,6 +170,7 @@ class ComputeService:
         self.claim_client = claim_client
         self.fence = fence
         self.pools = pools
+        self.gpu_broker = gpu_broker
         self._samples: dict[int, Sample] = {}
 
     # Helpers ----------------------------------------------------------------------------
@@ -197,6 +200,12 @@ class ComputeService:
         """The VM's run state as libvirt sees it (stopped when not defined)."""
         return await self._state(vmid)
 
+    async def devices_stopped(self, vmid: int) -> None:
+        """Give back the PCI devices of a guest that stopped (if its config has any)."""
+        record = await self.guests.get(vmid)
+        if gpu.has_devices(record.config):
+            await gpu.give_back(self.gpu_broker, vmid, ReleaseReason.GUEST_STOPPED)
+
     async def submit(self, kind: str, command: GuestCommand, body: TaskBody) -> TaskAccepted:
         """Run ``body`` as a task of type ``kind`` for ``command``'s guest."""
         return await self._submit(kind, command, body)
@@ -224,12 +233,41 @@ class ComputeService:
         )
         return TaskAccepted(upid=upid)
 
-    async def define(self, record: GuestRecord) -> None:
-        """(Re)define a guest's domain from its current config, its volumes mapped again."""
+    async def define(self, record: GuestRecord, hostdevs: Mapping[str, str] | None = None) -> None:
+        """(Re)define a guest's domain from its current config, its volumes mapped again.
+
+        ``hostdevs`` are the ``<hostdev>`` elements of the PCI devices leased for a start.
+        """
         volumes = await self.map_volumes(record.config)
         await self.hypervisor.define(
-            admission.render(record.vmid, record.config, self.facts, volumes)
+            admission.render(record.vmid, record.config, self.facts, volumes, hostdevs)
         )
+
+    async def define_and_start(
+        self,
+        record: GuestRecord,
+        command_id: str,
+        task: TaskLog,
+        before_start: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Lease the guest's PCI devices, define its domain with them and start it.
+
+        ``before_start`` runs just before libvirt starts the domain (a fencing check). The
+        leases are given back if the domain cannot be defined or started.
+        """
+        hostdevs = await gpu.lease(
+            self.gpu_broker, record.vmid, record.config, command_id, task.log
+        )
+        try:
+            await self.define(record, hostdevs)
+            if before_start is not None:
+                await before_start()
+            await self.hypervisor.start(domain_name(record.vmid))
+        except BaseException:
+            if hostdevs:
+                await task.log("start failed: giving the PCI devices back")
+                await gpu.give_back(self.gpu_broker, record.vmid, ReleaseReason.ALLOCATION_FAILED)
+            raise
 
     async def map_volumes(self, config: Mapping[str, str]) -> dict[str, str]:
         """The ``<disk>`` element of every storage volume of ``config``, by key.
@@ -286,6 +324,7 @@ class ComputeService:
         config = dict(command.config)
         admission.render(command.vmid, config, self.facts)
         admission.check_node(config, await self.hypervisor.node(), await self.hypervisor.bridges())
+        await gpu.check_mappings(self.gpu_broker, config)
         config = admission.with_macs(config)
         try:
             await self.guests.get(command.vmid)
@@ -399,6 +438,7 @@ class ComputeService:
             await destroy.leave_pools(self, command.vmid, command.user, task)
             self._samples.pop(command.vmid, None)
             await claims.release_destroyed(self.claim_client, command.vmid)
+            await gpu.give_back(self.gpu_broker, command.vmid, ReleaseReason.GUEST_DESTROYED)
             await self.events.emit(
                 compute.GUEST_DESTROYED,
                 compute.VmDestroyed(**self.event_fields(), vmid=command.vmid, upid=task.upid),
@@ -408,6 +448,7 @@ class ComputeService:
 
     async def update_config(self, command: compute.VmConfigUpdate) -> TaskAccepted:
         """Check and write config changes (``pending`` keeps what a running guest gets later)."""
+        await gpu.check_mappings(self.gpu_broker, command.config)
         return await pending.update_config(self, command)
 
     # Power ------------------------------------------------------------------------------
@@ -422,10 +463,13 @@ class ComputeService:
 
         async def body(task: TaskLog) -> None:
             record = await pending.apply_pending(self, command.vmid)
-            await self.define(record)
             # As late as possible: a start issued before a fence must not run after it.
-            await require_current_epoch(self.fence, command)
-            await self.hypervisor.start(domain_name(command.vmid))
+            await self.define_and_start(
+                record,
+                command.command_id,
+                task,
+                functools.partial(require_current_epoch, self.fence, command),
+            )
             await task.log(f"VM {command.vmid} started")
             await self.state_changed(
                 command.vmid, PowerState.RUNNING, PowerState.STOPPED, task.upid
@@ -447,6 +491,7 @@ class ComputeService:
         async def body(task: TaskLog) -> None:
             await self.hypervisor.stop(domain_name(command.vmid))
             await self.state_changed(command.vmid, PowerState.STOPPED, previous, task.upid)
+            await self.devices_stopped(command.vmid)
 
         return await self._submit("qmstop", command, body)
 
@@ -464,6 +509,7 @@ class ComputeService:
                 await task.log("VM still running - terminating now")
                 await self.hypervisor.stop(name)
             await self.state_changed(command.vmid, PowerState.STOPPED, previous, task.upid)
+            await self.devices_stopped(command.vmid)
 
         return await self._submit("qmshutdown", command, body)
 
@@ -478,8 +524,8 @@ class ComputeService:
             if not await self._wait_stopped(command.vmid, timeout):
                 raise RucherError(ErrorCode.TIMEOUT, "VM quit/powerdown failed - got timeout")
             await self.state_changed(command.vmid, PowerState.STOPPED, previous, task.upid)
-            await self.define(await pending.apply_pending(self, command.vmid))
-            await self.hypervisor.start(name)
+            record = await pending.apply_pending(self, command.vmid)
+            await self.define_and_start(record, command.command_id, task)
             await self.state_changed(
                 command.vmid, PowerState.RUNNING, PowerState.STOPPED, task.upid
             )
