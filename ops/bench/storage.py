@@ -13,8 +13,12 @@ alternating), so that both see the same moments of a busy machine:
 - dir: ``rpc.storage.volume_clone`` (linked, a qcow2 overlay) vs ``qemu-img create -b`` of the
   same overlay run directly.
 
-Reported per side: median and p90 milliseconds per clone; the ratio is service / direct medians.
-Last line: RESULT rbd_clone_ratio=<x> dir_clone_ratio=<y>
+Reported per side: median and p90 milliseconds per clone, and two ratios: service / direct
+medians, and the median of the ratios of clones made back to back (each service clone against
+the direct clone next to it in time). On a machine others load too, the second moves far less
+between runs: a burst of load weighs on both clones of a pair instead of on one side's median.
+The RESULT line carries the paired ratio; both are printed. Last line:
+RESULT rbd_clone_ratio=<x> dir_clone_ratio=<y>
 """
 
 from __future__ import annotations
@@ -138,6 +142,16 @@ def summary(name: str, samples: list[float]) -> float:
     return median
 
 
+def ratios(service: list[float], direct: list[float], service_name: str, direct_name: str) -> float:
+    """Print both sides and both ratios; return the median of the back-to-back pairs' ratios."""
+    of_medians = summary(service_name, service) / summary(direct_name, direct)
+    paired = statistics.median(s / d for s, d in zip(service, direct, strict=True))
+    print(
+        f"  ratio of the medians {of_medians:.2f}   median ratio of back-to-back pairs {paired:.2f}"
+    )
+    return paired
+
+
 async def bench(cluster: CephCluster, url: str, state: Path, clones: int, rounds: int) -> None:
     """Both backends, rounds alternating between the service and the direct call."""
     rados, rbd = importlib.import_module("rados"), importlib.import_module("rbd")
@@ -181,12 +195,12 @@ async def bench(cluster: CephCluster, url: str, state: Path, clones: int, rounds
             await in_turns(rbd_sides, results, first, clones)
             await in_turns(dir_sides, results, first + 2 * clones, clones)
         print("rbd linked clone (base@__base__ -> vm-N-disk-0):")
-        rbd_ratio = summary("storage service over NATS", results["rs"]) / summary(
-            "rbd.RBD().clone directly", results["rd"]
+        rbd_ratio = ratios(
+            results["rs"], results["rd"], "storage service over NATS", "rbd.RBD().clone directly"
         )
         print("dir linked clone (qcow2 overlay on a base):")
-        dir_ratio = summary("storage service over NATS", results["ds"]) / summary(
-            "qemu-img create -b directly", results["dd"]
+        dir_ratio = ratios(
+            results["ds"], results["dd"], "storage service over NATS", "qemu-img create -b directly"
         )
         print(f"RESULT rbd_clone_ratio={rbd_ratio:.2f} dir_clone_ratio={dir_ratio:.2f}")
     finally:
