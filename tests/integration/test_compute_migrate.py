@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,15 +25,12 @@ from rucher.proto import storage as s
 from rucher.proto.common import PowerState
 from rucher.proto.errors import ErrorCode
 from rucher.proto.guest import GuestLock
-from rucher.proto.storage import ContentType, StorageDefinition, StorageType
-from rucher.testing.ceph import CephCluster, ceph_unavailable
 from rucher.testing.harness import Harness
 from rucher.testing.libvirt import GuestImage, guest_image  # noqa: F401 - fixture
 
 from .buses import connected, until
 from .gateway.stack import ADMIN, ADMIN_PASSWORD, logged_in, start_stack
 from .gateway.test_qemu_helpers import finished
-from .storage_service import call
 from .test_compute_agent import USER, guest_config, task_end
 
 libvirt = pytest.importorskip("libvirt")
@@ -49,7 +46,6 @@ class Cluster:
     """Two harness nodes running storage and compute, with the shared Ceph."""
 
     harness: Harness
-    ceph: CephCluster
 
     def uri(self, node: str) -> str:
         """The node's own libvirtd."""
@@ -78,46 +74,28 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(harness_factory, tmp_path) -> Iterator[Cluster]:
-    """n1 and n2 with a libvirtd each, a Ceph on the bridge, storage and compute on each node."""
-    reason = ceph_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    harness = harness_factory(nodes=2, libvirt=True)
-    ceph = CephCluster(tmp_path / "ceph", host=harness.bridge_address).start()
-    try:
-        for node in harness.nodes:
-            local = str(node.state_dir / "local")
-            extra = {"RUCHER_REGISTRY_TTL": "3", "RUCHER_STORAGE_LOCAL_PATH": local}
-            node.start_service("storage", [sys.executable, "-m", "rucher.storage"], extra)
-            node.start_service(
-                "compute",
-                [sys.executable, "-m", "rucher.compute"],
-                {"RUCHER_REGISTRY_TTL": "3", "RUCHER_COMPUTE_SHUTDOWN_TIMEOUT": "30"},
-            )
-        yield Cluster(harness, ceph)
-    finally:
-        ceph.stop()
+def cluster(harness_factory) -> Cluster:
+    """n1 and n2 with a libvirtd each, the harness's Ceph (storage ``ceph``), storage and compute
+    on each node."""
+    harness = harness_factory(nodes=2, libvirt=True, ceph=True)
+    for node in harness.nodes:
+        local = str(node.state_dir / "local")
+        extra = {"RUCHER_REGISTRY_TTL": "3", "RUCHER_STORAGE_LOCAL_PATH": local}
+        node.start_service("storage", [sys.executable, "-m", "rucher.storage"], extra)
+        node.start_service(
+            "compute",
+            [sys.executable, "-m", "rucher.compute"],
+            {"RUCHER_REGISTRY_TTL": "3", "RUCHER_COMPUTE_SHUTDOWN_TIMEOUT": "30"},
+        )
+    return Cluster(harness)
 
 
 @pytest.fixture
 async def bus(cluster) -> AsyncIterator[Bus]:
-    """A client of the harness's cluster, once every agent answers and ``ceph`` is defined."""
+    """A client of the harness's cluster, once every agent answers and sees ``ceph``."""
     async with connected(cluster.harness.urls, node="n1", service="test") as client:
         for node in NODES:
             await until(lambda node=node: _answers(client, node), timeout=90, every=0.3)
-        await call(
-            client,
-            s.DEFINITION_CREATE,
-            definition=StorageDefinition(
-                storage="ceph",
-                storage_type=StorageType.RBD,
-                content=(ContentType.IMAGES,),
-                monhost=(cluster.ceph.monhost,),
-                pool=cluster.ceph.pool,
-            ),
-            keyring=cluster.ceph.admin_keyring.read_text(),
-        )
         yield client
 
 
@@ -129,10 +107,10 @@ async def _answers(bus: Bus, node: str) -> bool:
     except RucherError as err:
         return err.code is ErrorCode.NOT_FOUND
     try:
-        await bus.request(s.STATUS.to(node=node), s.StorageStatusQuery(), timeout=2)
+        report = await bus.request(s.STATUS.to(node=node), s.StorageStatusQuery(), timeout=2)
     except RucherError:
         return False
-    return True
+    return any(status.storage == "ceph" and status.active for status in report.storages)
 
 
 async def ask(bus: Bus, node: str, subject, message) -> str:  # type: ignore[no-untyped-def]
