@@ -1,8 +1,10 @@
 """Migration between two harness nodes, each with its own libvirtd, storage service and agent.
 
-The nodes share one Ceph (its monitor on the harness bridge): a guest whose disk is an RBD image
-moves live from n1 to n2 through the two libvirt daemons, a stopped guest moves by its definition
-alone, and refused migrations name their reason and change nothing.
+The nodes share the harness's Ceph (its monitor on the bridge): a guest whose disk is an RBD
+image moves live from n1 to n2 through the two libvirt daemons (driven through the API), a
+stopped guest moves by its definition alone, local qcow2 disks are copied (running or stopped),
+a migration cut off midway leaves the guest at home, and refused migrations name their reason and
+change nothing.
 """
 # ruff: noqa: F811 - pytest fixtures imported from rucher.testing.libvirt are parameters here
 
