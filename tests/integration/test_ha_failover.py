@@ -17,8 +17,6 @@ from rucher.bus import Bus
 from rucher.testing.ha_cluster import HaCluster
 from rucher.testing.libvirt import guest_image  # noqa: F401 - fixture
 
-from .buses import connected
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # The documented defaults (services/ha/README.md); rounds every second.
@@ -39,11 +37,15 @@ def cluster(harness_factory, guest_image) -> HaCluster:
 @pytest.fixture
 async def bus(cluster) -> AsyncIterator[Bus]:
     """A client of the harness's NATS cluster once every agent answers."""
-    async with connected(cluster.harness.urls, node="n3", service="test") as client:
+    # No provisioning here: the services provision at start, and doing it concurrently races.
+    client = await Bus.connect(cluster.harness.urls, node="n3", service="test")
+    try:
         await cluster.wait_agents(client)
         for node in cluster.harness.nodes:
             await cluster.wait_ha_lease(client, node.name)
         yield client
+    finally:
+        await client.close(grace=1.0)
 
 
 async def ha_guests_on_n1(cluster: HaCluster, bus: Bus, count: int = 2) -> list[int]:

@@ -73,10 +73,23 @@ class HaCluster:
     # --- building --------------------------------------------------------------------------
 
     def start_services(self) -> None:
-        """Start storage, compute and HA on every node (in that order, restarted in it too)."""
+        """Start storage, compute and HA on every node (in that order, restarted in it too).
+
+        The first storage service provisions the streams and buckets alone: services that
+        provision the same new streams at once on a cluster race (``stream not found``).
+        """
+        python = [sys.executable, "-m"]
+        first = self.harness.nodes[0]
+        log_file = first.log_dir / "storage.log"
+        first.start_service(
+            "storage",
+            [*python, "rucher.storage"],
+            dict(SERVICE_ENV),
+            ready=lambda: log_file.is_file() and "service_started" in log_file.read_text(),
+        )
         for node in self.harness.nodes:
-            python = [sys.executable, "-m"]
-            node.start_service("storage", [*python, "rucher.storage"], dict(SERVICE_ENV))
+            if node is not first:
+                node.start_service("storage", [*python, "rucher.storage"], dict(SERVICE_ENV))
             node.start_service("compute", [*python, "rucher.compute"], SERVICE_ENV | COMPUTE_ENV)
             node.start_service("ha", [*python, "rucher.ha"], SERVICE_ENV | self.ha_env)
 
@@ -94,8 +107,8 @@ class HaCluster:
             deadline = time.monotonic() + 120
             while not await _answers(bus, node.name):
                 if time.monotonic() > deadline:
-                    tail = node.processes["compute"].tail_log()
-                    raise TimeoutError(f"{node.name}: agents did not answer\n{tail}")
+                    tails = [node.processes[name].tail_log(8) for name in ("storage", "compute")]
+                    raise TimeoutError(f"{node.name}: agents did not answer\n" + "\n".join(tails))
                 await asyncio.sleep(0.3)
 
     async def wait_ha_lease(self, bus: Bus, node: str, timeout: float = 60.0) -> None:

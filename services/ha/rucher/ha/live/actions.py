@@ -129,6 +129,11 @@ class ClusterActions:
         await self.manager_kv.put(MANAGER_STATE, record)
         await self.store.publish_status(status)
 
+    async def read_manager_state(self) -> HaManagerState | None:
+        """The manager's state as stored now (a direct read, not a watch)."""
+        entry = await self.manager_kv.get(MANAGER_STATE)
+        return entry.value if entry is not None else None
+
     async def write_lrm_status(self, record: HaLrmStatus) -> None:
         """Publish this node's LRM status."""
         await self.lrm_kv.put(lrm_key(self.node), record)

@@ -52,6 +52,7 @@ from rucher.ha.model import (
 )
 from rucher.proto.cluster import NodeCapacity as PublishedCapacity
 from rucher.proto.common import PowerState
+from rucher.proto.ha import HaManagerState
 
 log = structlog.get_logger("rucher.ha.live")
 
@@ -66,6 +67,7 @@ class Timeouts:
     """How long a round waits for each kind of call before counting it as failed."""
 
     store: float = 5.0
+    read: float = 1.0
     lock: float = 2.0
     action: float = 150.0
 
@@ -119,6 +121,7 @@ class LiveEnv:
         self.timeouts = timeouts
         self.log_ = log.bind(role=role)
         self._written: tuple[object, float] | None = None
+        self._last_state: HaManagerState | None = None
 
     # --- basics ----------------------------------------------------------------------------
 
@@ -173,7 +176,7 @@ class LiveEnv:
         """This node: its lease is held and the manager saw it; another node: fence it."""
         if node is None or node == self.node:
             epoch = self.epoch()
-            state = self.cache.manager_state()
+            state = self._last_state or self._manager_record()
             return (
                 epoch is not None
                 and state is not None
@@ -201,9 +204,22 @@ class LiveEnv:
 
     # --- cluster state ---------------------------------------------------------------------
 
+    def _manager_record(self) -> HaManagerState | None:
+        """The manager's state, read directly (the cache only when the store does not answer).
+
+        A watch can lag for seconds while its stream's leader moves (its consumer lived there),
+        and an LRM must act on the current state.
+        """
+        try:
+            return self.bridge.call(self.actions.read_manager_state(), self.timeouts.read)
+        except OSError:
+            return self.cache.manager_state()
+
     def read_manager_status(self) -> ManagerState:
         """The manager's last written state."""
-        return record_to_state(self.cache.manager_state())
+        record = self._manager_record()
+        self._last_state = record
+        return record_to_state(record)
 
     def write_manager_status(self, status: ManagerState) -> None:
         """Write the manager's state (when it changed, or as a heartbeat)."""
