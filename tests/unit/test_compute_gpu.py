@@ -55,14 +55,15 @@ class FakeBroker:
 
     devices: tuple[str, ...] = (GPU, "0000:02:00.0")
     mappings: dict[str, str] = field(default_factory=lambda: {"gpu-a": GPU})
-    leases: dict[str, GpuLease] = field(default_factory=dict)
+    held: dict[str, GpuLease] = field(default_factory=dict)
     released: list[tuple[int, ReleaseReason]] = field(default_factory=list)
     # Releases are durable commands: applied later, when ``deliver`` is called.
-    queued: list[int] = field(default_factory=list)
+    queued: list[str] = field(default_factory=list)
     deliver_at_once: bool = True
+    made: int = 0
 
     async def allocate(self, command: DeviceAllocate) -> DeviceAllocation:
-        for lease in self.leases.values():
+        for lease in self.held.values():
             if (lease.vmid, lease.slot) == (command.vmid, command.slot):
                 if lease.command_id == command.command_id:
                     return DeviceAllocation(lease=lease, libvirt_hostdev=hostdev(lease.address))
@@ -72,10 +73,10 @@ class FakeBroker:
             raise RucherError(
                 ErrorCode.NOT_FOUND, f"node has no PCI device {address}", details={"field": "x"}
             )
-        if any(lease.address == address for lease in self.leases.values()):
+        if any(lease.address == address for lease in self.held.values()):
             raise RucherError(ErrorCode.CONFLICT, f"{address} is leased", details={})
         lease = GpuLease(
-            lease_id=f"L{len(self.leases)}-{command.slot}",
+            lease_id=f"L{self.made}-{command.slot}",
             node=NODE,
             vmid=command.vmid,
             guest_type=GuestType.QEMU,
@@ -86,18 +87,23 @@ class FakeBroker:
             mdev_type=command.mdev_type,
             command_id=command.command_id,
         )
-        self.leases[lease.lease_id] = lease
+        self.held[lease.lease_id] = lease
+        self.made += 1
         return DeviceAllocation(lease=lease, libvirt_hostdev=hostdev(address))
 
-    async def release(self, vmid: int, reason: ReleaseReason) -> None:
+    async def leases(self, vmid: int) -> list[GpuLease]:
+        return [lease for lease in self.held.values() if lease.vmid == vmid]
+
+    async def release(self, vmid: int, lease_id: str, reason: ReleaseReason) -> None:
+        assert self.held.get(lease_id, None) is None or self.held[lease_id].vmid == vmid
         self.released.append((vmid, reason))
-        self.queued.append(vmid)
+        self.queued.append(lease_id)
         if self.deliver_at_once:
             self.deliver()
 
     def deliver(self) -> None:
-        for vmid in self.queued:
-            self.leases = {k: v for k, v in self.leases.items() if v.vmid != vmid}
+        for lease_id in self.queued:
+            self.held.pop(lease_id, None)
         self.queued.clear()
 
     async def mapping_exists(self, name: str) -> bool:
@@ -197,25 +203,30 @@ async def test_an_unknown_mapping_is_invalid_naming_the_key_and_creates_nothing(
 
 async def test_start_leases_each_device_puts_it_in_the_domain_and_stop_gives_it_back(world, broker):
     await world.service.create(create(hostpci0="mapping=gpu-a", hostpci1="0000:02:00.0"))
-    assert broker.leases == {}  # a create leases nothing
+    assert broker.held == {}  # a create leases nothing
     await world.service.start(command(compute.VmStart))
     assert world.tasks.ended[-1] == ("qmstart", "OK")
-    assert sorted((lease.slot, lease.address) for lease in broker.leases.values()) == [
+    assert sorted((lease.slot, lease.address) for lease in broker.held.values()) == [
         ("hostpci0", GPU),
         ("hostpci1", "0000:02:00.0"),
     ]
-    assert all(lease.kind is GpuKind.PASSTHROUGH for lease in broker.leases.values())
+    assert all(lease.kind is GpuKind.PASSTHROUGH for lease in broker.held.values())
     xml = world.hypervisor.domains_by_name[domain_name(100)].xml
     assert xml.count("<hostdev") == 2
     await world.service.stop(command(compute.VmStop))
-    assert broker.leases == {}
+    assert broker.held == {}
     assert broker.released[-1] == (100, ReleaseReason.GUEST_STOPPED)
     await world.service.start(command(compute.VmStart))
-    assert len(broker.leases) == 2
+    assert len(broker.held) == 2
     await world.service.shutdown(command(compute.VmShutdown))
-    assert broker.leases == {}
+    assert broker.held == {}
+    # A guest that powered itself off still holds its leases until it is destroyed.
+    await world.service.start(command(compute.VmStart))
+    world.hypervisor.domains_by_name[domain_name(100)].state = PowerState.STOPPED
+    assert len(broker.held) == 2
     await world.service.destroy(command(compute.VmDestroy, purge=True))
-    assert broker.released[-1] == (100, ReleaseReason.GUEST_DESTROYED)
+    assert broker.held == {}
+    assert broker.released[-2:] == [(100, ReleaseReason.GUEST_DESTROYED)] * 2
 
 
 async def test_a_device_that_cannot_be_had_fails_the_start_and_gives_back_the_others(world, broker):
@@ -224,7 +235,7 @@ async def test_a_device_that_cannot_be_had_fails_the_start_and_gives_back_the_ot
     task, status = world.tasks.ended[-1]
     assert task == "qmstart"
     assert status.startswith("hostpci1: node has no PCI device 0000:09:00.0")
-    assert broker.leases == {}
+    assert broker.held == {}
     assert broker.released[-1] == (100, ReleaseReason.ALLOCATION_FAILED)
     assert world.hypervisor.domains_by_name[domain_name(100)].state is PowerState.STOPPED
 
@@ -234,7 +245,7 @@ async def test_a_start_libvirt_refuses_gives_the_devices_back(world, broker):
     world.hypervisor.refuse_define = "vfio device busy"
     await world.service.start(command(compute.VmStart))
     assert world.tasks.ended[-1] == ("qmstart", "libvirt: vfio device busy")
-    assert broker.leases == {}
+    assert broker.held == {}
     assert broker.released[-1] == (100, ReleaseReason.ALLOCATION_FAILED)
 
 
@@ -249,8 +260,27 @@ async def test_a_stale_lease_of_the_stopped_guest_is_released_before_the_start_l
     asyncio.get_running_loop().call_later(0.3, broker.deliver)
     await world.service.start(compute.VmStart(command_id="second", vmid=100, user="root@pam"))
     assert world.tasks.ended[-1] == ("qmstart", "OK")
-    (lease,) = broker.leases.values()
+    (lease,) = broker.held.values()
     assert lease.command_id == "second.hostpci0"
+
+
+async def test_a_release_applied_late_never_ends_the_next_starts_lease(world, broker):
+    await world.service.create(create(hostpci0=GPU))
+    await world.service.start(command(compute.VmStart))
+    (first,) = broker.held.values()
+    broker.deliver_at_once = False
+    await world.service.stop(command(compute.VmStop))  # its release waits in the stream
+    assert list(broker.held) == [first.lease_id]
+    asyncio.get_running_loop().call_later(0.2, broker.deliver)
+    await world.service.start(compute.VmStart(command_id="again", vmid=100, user="root@pam"))
+    assert world.tasks.ended[-1] == ("qmstart", "OK")
+    await world.service.stop(command(compute.VmStop))
+    (second,) = broker.held.values()
+    assert second.lease_id != first.lease_id
+    # A redelivered release of the first lease changes nothing for the second.
+    await broker.release(100, first.lease_id, ReleaseReason.GUEST_STOPPED)
+    broker.deliver()
+    assert broker.held == {}  # the second stop's own release, now delivered
 
 
 async def test_without_a_broker_a_passthrough_start_fails_naming_the_key():

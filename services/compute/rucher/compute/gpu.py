@@ -4,6 +4,10 @@ On start the agent asks the broker (``rpc.gpu.device_allocate.{node}``) for each
 of the config (a host address or a cluster ``mapping``, whole or as an ``mdev``), and puts the
 ``<hostdev>`` elements it returns into the domain. The leases are the guest's: they are given
 back (``cmd.gpu.device_release.{node}``) when the start fails, on stop and on destroy.
+
+Releases are durable commands the broker applies later, so each names its lease: a release
+still on its way can never end a lease made after it. The leases a guest holds are read from
+the broker's record (the ``gpu_leases`` bucket).
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ from typing import Protocol
 
 import structlog
 
-from rucher.bus import Bus, RucherError
+from rucher.bus import KV, Bus, RucherError
 from rucher.bus.client import new_id
 from rucher.compute.domain_xml import HOSTPCI_KEY, DomainConfigError, parse_hostpci
 from rucher.proto import gpu
 from rucher.proto.errors import ErrorCode
-from rucher.proto.gpu import DeviceAllocate, DeviceAllocation, GpuKind, ReleaseReason
+from rucher.proto.gpu import DeviceAllocate, DeviceAllocation, GpuKind, GpuLease, ReleaseReason
 from rucher.proto.guest import GuestType
+from rucher.proto.keys import make_key
+from rucher.proto.streams import GPU_LEASES
 
 log = structlog.get_logger("rucher.compute.gpu")
 
@@ -31,8 +37,9 @@ log = structlog.get_logger("rucher.compute.gpu")
 PCI_ID = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})(?:\.([0-7]))?$")
 MAPPING_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,127}$")
 BROKER_TIMEOUT = 60.0
-# How long a start waits for a release still on its way (a stale lease of the stopped guest).
+# How long a start waits for the broker to end the stale leases of the stopped guest.
 RELEASE_PATIENCE = 15.0
+POLL = 0.1
 
 Note = Callable[[str], Awaitable[None]]
 
@@ -53,8 +60,11 @@ class Broker(Protocol):
     async def allocate(self, command: DeviceAllocate) -> DeviceAllocation:
         """Lease a device to a guest; a retry with the same ``command_id`` gets the same lease."""
 
-    async def release(self, vmid: int, reason: ReleaseReason) -> None:
-        """Give back every lease ``vmid`` holds on this node (durably, applied once)."""
+    async def leases(self, vmid: int) -> list[GpuLease]:
+        """The leases ``vmid`` holds on this node, as the broker recorded them."""
+
+    async def release(self, vmid: int, lease_id: str, reason: ReleaseReason) -> None:
+        """Give back one lease of ``vmid`` (durably, applied once, maybe later)."""
 
     async def mapping_exists(self, name: str) -> bool:
         """Whether the cluster has the PCI mapping ``name``."""
@@ -66,6 +76,7 @@ class BusBroker:
     def __init__(self, bus: Bus, timeout: float = BROKER_TIMEOUT) -> None:
         self.bus = bus
         self.timeout = timeout
+        self.records: KV[GpuLease] = KV(bus, GPU_LEASES, GpuLease)
 
     async def allocate(self, command: DeviceAllocate) -> DeviceAllocation:
         """Ask this node's broker for a lease."""
@@ -73,16 +84,28 @@ class BusBroker:
             gpu.DEVICE_ALLOCATE.to(node=self.bus.node), command, timeout=self.timeout
         )
 
-    async def release(self, vmid: int, reason: ReleaseReason) -> None:
-        """Queue the release of ``vmid``'s leases on the command stream."""
-        command = gpu.DeviceRelease(command_id=new_id(), vmid=vmid, reason=reason)
+    async def leases(self, vmid: int) -> list[GpuLease]:
+        """Read this node's keys of the ``gpu_leases`` bucket."""
+        entries = await self.records.entries(f"{make_key(self.bus.node)}.>")
+        return [e.value for e in entries if e.value is not None and e.value.vmid == vmid]
+
+    async def release(self, vmid: int, lease_id: str, reason: ReleaseReason) -> None:
+        """Queue the lease's release on the command stream."""
+        command = gpu.DeviceRelease(
+            command_id=new_id(), vmid=vmid, reason=reason, lease_id=lease_id
+        )
         await self.bus.publish(gpu.DEVICE_RELEASE.to(node=self.bus.node), command)
 
     async def mapping_exists(self, name: str) -> bool:
-        """Look the mapping up (``rpc.gpu.mapping_list``)."""
-        listing = await self.bus.request(
-            gpu.MAPPING_LIST.address, gpu.MappingListQuery(id=name), timeout=self.timeout
-        )
+        """Look the mapping up (``rpc.gpu.mapping_list``; an unknown id is ``not_found``)."""
+        try:
+            listing = await self.bus.request(
+                gpu.MAPPING_LIST.address, gpu.MappingListQuery(id=name), timeout=self.timeout
+            )
+        except RucherError as err:
+            if err.code is ErrorCode.NOT_FOUND:
+                return False
+            raise
         return any(state.mapping.id == name for state in listing.mappings)
 
 
@@ -148,34 +171,54 @@ async def lease(
 ) -> dict[str, str]:
     """Lease every ``hostpciN`` of a stopped guest; its ``<hostdev>`` XML by key.
 
-    Leases the guest still holds are stale (it is stopped): their release is queued first and
-    an allocation refused because one is still there is retried for ``patience`` seconds. If a
-    device cannot be had, what was leased is given back and the error names the key.
+    Leases the guest still holds are stale (it is stopped, they were not given back): they are
+    released first, and the start waits up to ``patience`` seconds for the broker to end them.
+    If a device cannot be had, what was leased is given back and the error names the key.
     """
     wanted = requests(config)
     if not wanted:
         return {}
     if broker is None:
         raise _invalid(wanted[0].key, "PCI passthrough needs the GPU broker, which is not wired")
-    await broker.release(vmid, ReleaseReason.GUEST_STOPPED)
+    await _end_stale(broker, vmid, wanted[0].key, note, patience)
     hostdevs: dict[str, str] = {}
+    held: list[str] = []
     try:
         for request in wanted:
-            allocation = await _allocate(broker, vmid, request, command_id, patience)
+            allocation = await _allocate(broker, vmid, request, command_id)
+            held.append(allocation.lease.lease_id)
             hostdevs[request.key] = _hostdev(request.key, allocation)
             await note(
                 f"{request.key}: leased {allocation.lease.kind.value} "
                 f"{allocation.lease.address} (lease {allocation.lease.lease_id})"
             )
     except BaseException:
-        if hostdevs:
-            await give_back(broker, vmid, ReleaseReason.ALLOCATION_FAILED)
+        for lease_id in held:
+            await _release(broker, vmid, lease_id, ReleaseReason.ALLOCATION_FAILED)
         raise
     return hostdevs
 
 
+async def _end_stale(broker: Broker, vmid: int, key: str, note: Note, patience: float) -> None:
+    stale = await broker.leases(vmid)
+    if not stale:
+        return
+    for old in stale:
+        await note(f"{old.slot}: ending stale lease {old.lease_id} ({old.address})")
+        await broker.release(vmid, old.lease_id, ReleaseReason.GUEST_STOPPED)
+    deadline = time.monotonic() + patience
+    while await broker.leases(vmid):
+        if time.monotonic() > deadline:
+            raise RucherError(
+                ErrorCode.CONFLICT,
+                f"{key}: the GPU broker did not end the stopped guest's leases in time",
+                details={"field": key},
+            )
+        await asyncio.sleep(POLL)
+
+
 async def _allocate(
-    broker: Broker, vmid: int, request: HostPci, command_id: str, patience: float
+    broker: Broker, vmid: int, request: HostPci, command_id: str
 ) -> DeviceAllocation:
     command = DeviceAllocate(
         command_id=f"{command_id}.{request.key}",
@@ -187,16 +230,11 @@ async def _allocate(
         address=request.address,
         mdev_type=request.mdev_type,
     )
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            return await broker.allocate(command)
-        except RucherError as err:
-            if err.code is ErrorCode.EXISTS and time.monotonic() < deadline:
-                await asyncio.sleep(0.2)  # the stale lease's release is on its way
-                continue
-            details = {**(err.details or {}), "field": request.key}
-            raise RucherError(err.code, f"{request.key}: {err.message}", details=details) from err
+    try:
+        return await broker.allocate(command)
+    except RucherError as err:
+        details = {**(err.details or {}), "field": request.key}
+        raise RucherError(err.code, f"{request.key}: {err.message}", details=details) from err
 
 
 def _hostdev(key: str, allocation: DeviceAllocation) -> str:
@@ -205,14 +243,27 @@ def _hostdev(key: str, allocation: DeviceAllocation) -> str:
     return allocation.libvirt_hostdev
 
 
+async def _release(broker: Broker, vmid: int, lease_id: str, reason: ReleaseReason) -> None:
+    try:
+        await broker.release(vmid, lease_id, reason)
+    except RucherError as err:
+        log.warning("gpu_release_not_queued", vmid=vmid, lease=lease_id, error=err.message)
+
+
 async def give_back(broker: Broker | None, vmid: int, reason: ReleaseReason) -> None:
-    """Queue the release of ``vmid``'s leases; a failure is logged (the broker reconciles)."""
+    """Queue the release of each lease ``vmid`` holds; failures are logged, not raised.
+
+    The broker also ends a guest's leases when it stops, and reconciles what no guest holds.
+    """
     if broker is None:
         return
     try:
-        await broker.release(vmid, reason)
+        held = await broker.leases(vmid)
     except RucherError as err:
-        log.warning("gpu_release_not_queued", vmid=vmid, reason=reason.value, error=err.message)
+        log.warning("gpu_leases_not_read", vmid=vmid, error=err.message)
+        return
+    for old in held:
+        await _release(broker, vmid, old.lease_id, reason)
 
 
 def has_devices(config: Mapping[str, str]) -> bool:
