@@ -60,7 +60,9 @@ def ok(api: ProxmoxAPI, upid: str) -> None:
     assert status["exitstatus"] == "OK", status
 
 
-def test_a_vm_is_created_started_read_shut_down_and_deleted(agent, guest_image: GuestImage):
+def test_a_vm_is_created_started_read_snapshotted_shut_down_cloned_and_deleted(
+    agent, guest_image: GuestImage
+):
     api = client(agent)
     vmid = next_vmid()
     node = api.nodes(NODE)
@@ -85,6 +87,8 @@ def test_a_vm_is_created_started_read_shut_down_and_deleted(agent, guest_image: 
     assert config["scsi0"] == f"local:{vmid}/vm-{vmid}-disk-0.qcow2,size=1G"
     disk = agent.root / "local" / "images" / str(vmid) / f"vm-{vmid}-disk-0.qcow2"
     assert disk.exists()
+    copy = next_vmid()
+    copy_disk = agent.root / "local" / "images" / str(copy) / f"vm-{copy}-disk-0.qcow2"
     assert vmid in [vm["vmid"] for vm in node.qemu.get()]
     try:
         ok(api, node.qemu(vmid).status.start.post())
@@ -97,16 +101,30 @@ def test_a_vm_is_created_started_read_shut_down_and_deleted(agent, guest_image: 
         while guest_image.banner not in (console.read_text() if console.exists() else ""):
             assert time.monotonic() < deadline, "the guest did not boot"
             time.sleep(0.2)  # its init must be up to answer the ACPI power button
+        ok(api, node.qemu(vmid).snapshot.post(snapname="booted", description="running"))
+        snapshots = node.qemu(vmid).snapshot.get()
+        assert [entry["name"] for entry in snapshots] == ["booted", "current"]
         ok(api, node.qemu(vmid).status.shutdown.post(timeout=60))
         assert node.qemu(vmid).status.current.get()["status"] == "stopped"
+        ok(api, node.qemu(vmid).clone.post(newid=copy, full=1, name="proxmoxer-copy"))
+        cloned = node.qemu(copy).config.get()
+        assert cloned["name"] == "proxmoxer-copy"
+        assert cloned["scsi0"].startswith(f"local:{copy}/vm-{copy}-disk-0.qcow2")
+        assert cloned["net0"] != config["net0"]  # a clone gets a MAC of its own
+        assert copy_disk.exists()
+        assert node.qemu(copy).status.current.get()["status"] == "stopped"
     finally:
         if node.qemu(vmid).status.current.get()["status"] != "stopped":
             ok(api, node.qemu(vmid).status.stop.post())
         ok(api, node.qemu(vmid).delete(purge=1))
-    with pytest.raises(ResourceException) as caught:
-        node.qemu(vmid).config.get()
-    assert caught.value.status_code == 404
+        if copy in [vm["vmid"] for vm in node.qemu.get()]:
+            ok(api, node.qemu(copy).delete(purge=1))
+    for gone in (vmid, copy):
+        with pytest.raises(ResourceException) as caught:
+            node.qemu(gone).config.get()
+        assert caught.value.status_code == 404
     assert not disk.exists()
+    assert not copy_disk.exists()
 
 
 def test_bad_input_is_400_naming_the_field(agent):

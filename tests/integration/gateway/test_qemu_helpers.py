@@ -35,12 +35,20 @@ def start_agent(stack: Stack, uri: str, **env: str) -> ManagedProcess:
 
 
 async def wait_agent(admin: Api, timeout: float = 60.0) -> None:
-    """Return once the agent answers through the gateway (a missing VM is 404, not 503)."""
+    """Return once the agent answers through the gateway (a missing VM is 404, not 503).
+
+    A registered agent may not serve its subjects yet: a create it must refuse (no such
+    bridge) is answered 400 by the agent itself only once it does.
+    """
     deadline = time.monotonic() + timeout
     while True:
         reply = await admin.get(f"/nodes/{NODE}/qemu/999999998/status/current")
         if reply.status == 404:
-            return
+            reply = await admin.post(
+                f"/nodes/{NODE}/qemu", vmid=999999997, net0="virtio,bridge=nosuchbridge0"
+            )
+            if reply.status == 400:
+                return
         if time.monotonic() > deadline:
             raise RuntimeError(f"the compute agent did not answer: {reply}")
         await asyncio.sleep(0.2)
