@@ -19,6 +19,7 @@ from rucher.proto.errors import ErrorCode
 from rucher.proto.guest import GuestLock, GuestRecord
 from rucher.proto.storage import DiskFormat, VolumeMapping, VolumeProtocol
 
+from .test_compute_claims import RecordingClaims
 from .test_compute_service import Events, FakeVolumes, InlineTasks, MemoryGuests
 
 USER = "root@pam"
@@ -94,6 +95,7 @@ class Node:
     events: Events
     service: ComputeService
     migrator: Migrator
+    claims: RecordingClaims
 
 
 @dataclass
@@ -112,9 +114,21 @@ def pair() -> Pair:
     guests, volumes, peers = Registry(), SharedVolumes(("local", "ceph")), Peers()
     nodes: dict[str, Node] = {}
     for name in ("n1", "n2"):
-        hypervisor, tasks, events = FakeHypervisor(), InlineTasks(), Events()
+        hypervisor, tasks, events, claims = (
+            FakeHypervisor(),
+            InlineTasks(),
+            Events(),
+            RecordingClaims(),
+        )
         service = ComputeService(
-            hypervisor, guests, tasks, events, volumes=volumes, node=name, facts=HostFacts()
+            hypervisor,
+            guests,
+            tasks,
+            events,
+            volumes=volumes,
+            node=name,
+            facts=HostFacts(),
+            claim_client=claims,
         )
         migrator = Migrator(
             service,
@@ -124,7 +138,7 @@ def pair() -> Pair:
             peer_uri=f"qemu+tcp://{name}/system",
         )
         peers.migrators[name] = migrator
-        nodes[name] = Node(hypervisor, tasks, events, service, migrator)
+        nodes[name] = Node(hypervisor, tasks, events, service, migrator, claims)
     nodes["n1"].hypervisor.peers = {"qemu+tcp://n2/system": nodes["n2"].hypervisor}
     return Pair(guests, volumes, nodes, peers)
 
@@ -353,3 +367,23 @@ async def test_a_target_without_the_guests_storage_is_not_allowed(pair):
     pair.peers.available["n2"] = None
     report = await pair["n1"].migrator.check(compute.VmMigrateCheck(vmid=100))
     assert "does not answer" in report.not_allowed_nodes["n2"]
+
+
+async def test_the_schedulers_claim_is_confirmed_on_the_target_and_the_source_gives_its_back(pair):
+    await make_guest(pair, 100, running=True, scsi0="ceph:1")
+    command = migrate(100, online=True, claim_id="claim-7", claim_token=3)
+
+    await pair["n1"].migrator.migrate(command)
+
+    assert pair["n2"].claims.calls == [("confirm", "claim-7", "3", "100")]
+    assert pair["n1"].claims.calls == [("release_guest", "100", "guest migrated away")]
+
+
+async def test_a_failed_migration_gives_the_targets_claim_back(pair):
+    await make_guest(pair, 100, running=True, scsi0="ceph:1")
+    pair["n1"].hypervisor.refuse_migrate = "operation failed"
+
+    await pair["n1"].migrator.migrate(migrate(100, online=True, claim_id="claim-8"))
+
+    assert pair["n2"].claims.calls == [("release", "claim-8", "100", "migration failed")]
+    assert pair["n1"].claims.calls == []

@@ -182,7 +182,11 @@ class VmConfigUpdate(GuestCommand, frozen=True, kw_only=True, tag="compute.guest
 
 
 class VmMigrate(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.migrate"):
-    """Move a VM to ``target``, live when ``online``, copying local disks when asked."""
+    """Move a VM to ``target``, live when ``online``, copying local disks when asked.
+
+    With ``claim_id`` (and its ``claim_token``) the scheduler reserved room on ``target``: the
+    target confirms the claim once the VM is its own, and releases it if the migration fails.
+    """
 
     target: NodeName
     online: bool = False
@@ -192,6 +196,7 @@ class VmMigrate(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.migr
     force: bool = False
     claim_id: str | None = None
     tunnelled: bool = False
+    claim_token: int = 0
 
 
 class VmSnapshotCreate(GuestCommand, frozen=True, kw_only=True, tag="compute.snapshot.create"):
@@ -688,12 +693,15 @@ class VmMigrateFinish(GuestCommand, frozen=True, kw_only=True, tag="compute.gues
 
     source: NodeName
     online: bool = False
+    claim_id: str | None = None
+    claim_token: int = 0
 
 
 class VmMigrateAbort(GuestCommand, frozen=True, kw_only=True, tag="compute.guest.migrate_abort"):
-    """Source to target: the migration failed; free the disks prepared for it."""
+    """Source to target: the migration failed; free the disks prepared for it (and its claim)."""
 
     source: NodeName
+    claim_id: str | None = None
 
 
 GUEST_MIGRATE_CHECK = RpcSubject(

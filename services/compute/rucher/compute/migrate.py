@@ -414,6 +414,7 @@ class Migrator:
             await self.guests.update(vmid, changes=changes, lock_held=GuestLock.MIGRATE)
         await self.guests.clear_lock(vmid, GuestLock.MIGRATE)
         await task.log(f"VM {vmid} belongs to node '{target}' now")
+        await self._release_claims_here(vmid)
         await self.service.hypervisor.undefine(name)
         try:
             await self.peers.finish(
@@ -424,6 +425,8 @@ class Migrator:
                     user=command.user,
                     source=self.node,
                     online=running,
+                    claim_id=command.claim_id,
+                    claim_token=command.claim_token,
                 ),
             )
         except RucherError as err:
@@ -442,6 +445,16 @@ class Migrator:
         )
         await self.service.events.emit(compute.GUEST_MIGRATED, migrated)
 
+    async def _release_claims_here(self, vmid: int) -> None:
+        """The guest left: the scheduler's claims of it on this node give their room back."""
+        client = self.service.claim_client
+        if client is None:
+            return
+        try:
+            await client.release_guest(vmid, "guest migrated away")
+        except RucherError as err:
+            log.warning("claim_release_lost", vmid=vmid, error=err.message)
+
     async def _sources(self, copies: tuple[compute.DiskCopy, ...]) -> tuple[str, ...]:
         """Where this node's hypervisor finds each copied volume (the disk's source path)."""
         return tuple([(await self.service.volumes.map(copy.volid)).path for copy in copies])
@@ -452,7 +465,11 @@ class Migrator:
             await self.peers.abort(
                 target,
                 compute.VmMigrateAbort(
-                    command_id=new_id(), vmid=command.vmid, user=command.user, source=self.node
+                    command_id=new_id(),
+                    vmid=command.vmid,
+                    user=command.user,
+                    source=self.node,
+                    claim_id=command.claim_id,
                 ),
             )
         except RucherError as err:
@@ -529,6 +546,9 @@ class Migrator:
         record = await self.guests.get(command.vmid)
         if record.node != self.node:
             await self._free(allocated)
+            client = self.service.claim_client
+            if client is not None and command.claim_id is not None:
+                await client.release(command.claim_id, command.vmid, "migration failed")
         return Done()
 
     async def finish(self, command: compute.VmMigrateFinish) -> Done:
@@ -545,4 +565,15 @@ class Migrator:
             info = None
         state = PowerState.STOPPED if info is None else info.state
         await self.service.state_changed(command.vmid, state, None, None)
+        await self._confirm_claim(command)
         return Done()
+
+    async def _confirm_claim(self, command: compute.VmMigrateFinish) -> None:
+        """Keep the room the scheduler reserved here; one that cannot be confirmed is logged."""
+        client = self.service.claim_client
+        if client is None or command.claim_id is None:
+            return
+        try:
+            await client.confirm(command.claim_id, command.claim_token, command.vmid)
+        except RucherError as err:
+            log.warning("claim_not_confirmed", claim=command.claim_id, error=err.message)
