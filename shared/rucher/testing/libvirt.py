@@ -3,7 +3,9 @@
 ``python -m rucher.testing.libvirt up|down|status`` (run by ``ops/libvirt``) configures QEMU to
 run as root (disk images live in Rucher's own folders), makes ``/dev/kvm`` usable by the
 ``kvm`` group (libvirt otherwise re-probes QEMU on every define, about 44 s), starts virtlogd
-then libvirtd, and creates the isolated bridge ``vmbr0`` when it is absent.
+then libvirtd, and creates the isolated bridge ``vmbr0`` when it is absent. ``NodeDaemon`` is
+the private libvirtd each node of the multi-node harness may run (its own state, sockets and
+host UUID in a private mount namespace; peers reach it on ``qemu+tcp`` over the harness bridge).
 """
 
 from __future__ import annotations
