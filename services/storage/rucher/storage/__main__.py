@@ -72,9 +72,14 @@ async def setup(context: ServiceContext) -> None:
         copier=copier,
     )
     replies = AppliedReplies(bus)
-    # A predecessor on this node answers node commands until it has stopped: until then, and
-    # for any cluster-wide command, a repeat is looked up in the bucket.
-    await replies.start(settle=context.settings.shutdown_grace + context.settings.registry_ttl)
+
+    async def others_on_node() -> bool:
+        """Whether another storage instance (a predecessor still stopping) is registered here."""
+        running = await context.registry.instances(context.instance.service, bus.node)
+        return any(other.instance != context.instance.instance for other in running)
+
+    await replies.start(others_on_node)
+    context.on_stop(replies.stop)
     await serve(bus, storage, definitions, transfers, replies)
     publisher = asyncio.create_task(publish_status(storage, settings.status_interval))
 

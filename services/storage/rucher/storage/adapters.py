@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,6 +48,8 @@ T = TypeVar("T", bound=msgspec.Struct)
 R = TypeVar("R", bound=msgspec.Struct)
 
 CAS_ATTEMPTS = 5
+# How often a new instance checks whether another instance on its node is still registered.
+SETTLE_POLL = 1.0
 # How long an agent gets to say whether a guest using a volume runs (it answers from memory).
 STATUS_TIMEOUT = 5.0
 # How long background writes (events, applied-command records) wait, so that the reply which
@@ -377,10 +378,11 @@ class AppliedReplies:
     waits for its outcome, a repeat of one just answered gets the same reply.
 
     A node's volume commands reach only that node's storage service, so once :meth:`start` has
-    listed the ids already recorded and any predecessor on this node has had time to stop
-    (``settle``), an id that is neither listed nor recorded since is new: no bucket lookup is
-    needed before applying it. Cluster-wide commands, which any instance may answer, and every
-    command during the settling time still look in the bucket first.
+    listed the ids already recorded and no other instance is registered on this node any more
+    (a predecessor still stopping, or one that crashed until its registration lapses), an id
+    that is neither listed nor recorded since is new: no bucket lookup is needed before applying
+    it. Cluster-wide commands, which any instance may answer, and every command until then still
+    look in the bucket first.
     """
 
     def __init__(self, bus: Bus, *, remembered: int = 4096) -> None:
@@ -392,10 +394,11 @@ class AppliedReplies:
         self._pending: set[asyncio.Task[None]] = set()
         # Ids recorded in the bucket (listed at start, then our own), oldest first, with when.
         self._applied: OrderedDict[str, float] = OrderedDict()
-        self._listed_after = math.inf
+        self._listed = False
+        self._settling: asyncio.Task[None] | None = None
 
-    async def start(self, *, settle: float) -> None:
-        """List the ids already recorded; trust the list for node commands after ``settle`` s."""
+    async def start(self, others_on_node: Callable[[], Awaitable[bool]]) -> None:
+        """List the ids already recorded; trust the list once ``others_on_node()`` is False."""
         entries = await self.kv.entries(f"{encode_token(self.applier)}.>")
         listed = sorted(
             (entry.value.time, decode_token(entry.key.rsplit(".", 1)[-1]))
@@ -404,7 +407,24 @@ class AppliedReplies:
         )
         for recorded, command_id in listed:
             self._applied[command_id] = recorded
-        self._listed_after = time.monotonic() + settle
+
+        async def settle() -> None:
+            while True:
+                with contextlib.suppress(RucherError):
+                    if not await others_on_node():
+                        break
+                await asyncio.sleep(SETTLE_POLL)
+            self._listed = True
+            log.info("applied_commands_listed", count=len(self._applied))
+
+        self._settling = asyncio.create_task(settle())
+
+    async def stop(self) -> None:
+        """Stop waiting for other instances to go."""
+        if self._settling is not None:
+            self._settling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._settling
 
     def once(
         self, subject: RpcSubject[T, R], operation: Callable[[T], Awaitable[R]]
@@ -458,8 +478,7 @@ class AppliedReplies:
         For a ``node`` command the list of recorded ids answers "none" without a lookup, once
         it can be trusted (see the class).
         """
-        listed = time.monotonic() >= self._listed_after
-        if node and listed and command_id not in self._applied:
+        if node and self._listed and command_id not in self._applied:
             return None
         entry = await self.kv.get(self._key(command_id))
         return entry.value.reply if entry is not None and entry.value is not None else None
