@@ -170,7 +170,7 @@ def requested_name(
     As Proxmox: the name starts ``vm-<vmid>-``; on dir an extension sets the format (and must
     agree with ``format``), and one is added when missing.
     """
-    if not re.match(rf"^(vm|subvol)-{vmid}-", filename):
+    if not filename.startswith((f"vm-{vmid}-", f"subvol-{vmid}-")):
         raise invalid(f"illegal name '{filename}' - should be 'vm-{vmid}-*'", "filename")
     if storage_type is StorageType.RBD:
         if fmt not in (None, DiskFormat.RAW.value):
