@@ -1,10 +1,11 @@
-"""Killing the compute agent (SIGKILL) in the middle of a start: one well-defined guest afterwards.
+"""Killing the compute agent (SIGKILL) during a start or a migration: one well-defined guest.
 
 The agent runs as a process of its own against real NATS and libvirtd. The test freezes it
-(SIGSTOP) at a chosen moment of a start task, checks the task is still running, kills it, starts
-a new agent and asserts: the task ended failed with a reason (the reaper ends tasks of dead
-workers), the guest is where libvirt had it when the agent died (stopped, or running), its
-document is unlocked and agrees with libvirt, and nothing is left behind once it is destroyed.
+(SIGSTOP) at a chosen moment of a task, checks the task is still running, kills it, starts a new
+agent and asserts: the task ended failed with a reason (the reaper ends tasks of dead workers),
+the guest is in one place (for a start: where libvirt had it when the agent died; for a live
+migration: still running on its node, libvirt's migration aborted, nothing on the target), its
+document is unlocked and agrees with libvirt, and nothing is left behind.
 """
 # ruff: noqa: F811 - pytest fixtures imported from rucher.testing.libvirt are parameters here
 
@@ -14,6 +15,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from rucher.bus import Bus, RucherError
+from rucher.bus.client import new_id
 from rucher.guests import GuestRegistry
 from rucher.proto import compute
 from rucher.proto.common import PowerState
@@ -29,9 +32,10 @@ from rucher.proto.task import TaskStatus
 from rucher.tasks import TaskStore
 from rucher.testing.libvirt import GuestImage, guest_image, libvirtd  # noqa: F401 - fixtures
 
-from .buses import connected
+from .buses import connected, until
 from .test_compute_agent import (
     NODE,
+    USER,
     ask,
     cleanup_domain,
     cmd,
@@ -167,3 +171,88 @@ async def test_killing_the_agent_during_a_start_leaves_one_well_defined_guest(
         if restarted is not None:
             stop_agent(restarted)
         cleanup_domain(libvirtd, vmid)
+
+
+def domains(uri: str) -> dict[str, bool]:
+    """A libvirtd's domains, name → active."""
+    connection = libvirt.open(uri)
+    try:
+        return {domain.name(): bool(domain.isActive()) for domain in connection.listAllDomains()}
+    finally:
+        connection.close()
+
+
+async def agent_answers(bus: Bus, node: str) -> bool:
+    """Whether ``node``'s compute agent serves (a missing VM is ``not_found``)."""
+    try:
+        await bus.request(
+            compute.GUEST_STATUS.to(node=node), compute.VmStatusQuery(vmid=999_999_998), timeout=2
+        )
+    except RucherError as err:
+        return err.code is ErrorCode.NOT_FOUND
+    return False
+
+
+async def ask_n1(bus: Bus, subject, message) -> str:  # type: ignore[no-untyped-def]
+    """Send ``message`` to the agent of harness node n1; the task's UPID."""
+    reply = await bus.request(subject.to(node="n1"), message, timeout=60)
+    return str(reply.upid)
+
+
+async def test_killing_the_agent_during_a_live_migration_keeps_the_guest_running_at_home(
+    harness_factory, guest_image: GuestImage
+):
+    harness = harness_factory(nodes=2, libvirt=True)
+    for node in harness.nodes:
+        extra = {"RUCHER_REGISTRY_TTL": "3", "RUCHER_STORAGE_LOCAL_PATH": str(node.state_dir)}
+        node.start_service("storage", [sys.executable, "-m", "rucher.storage"], extra)
+        node.start_service(
+            "compute", [sys.executable, "-m", "rucher.compute"], {"RUCHER_REGISTRY_TTL": "3"}
+        )
+    n1, n2 = harness.node("n1"), harness.node("n2")
+    vmid, name = 990_211, "rucher-990211"
+    async with connected(harness.urls, node="n1", service="test") as bus:
+        for node in ("n1", "n2"):
+            await until(lambda node=node: agent_answers(bus, node), timeout=90, every=0.3)
+        config = guest_config(guest_image, name="migrate-fault")
+        upid = await ask_n1(bus, compute.GUEST_CREATE, cmd(compute.VmCreate, vmid, config=config))
+        assert (await task_end(bus, upid)).exitstatus == "OK"
+        upid = await ask_n1(bus, compute.GUEST_START, cmd(compute.VmStart, vmid))
+        assert (await task_end(bus, upid)).exitstatus == "OK"
+
+        # 1 MiB/s: the guest's memory takes tens of seconds to cross, time to kill the source.
+        migrate = compute.VmMigrate(
+            command_id=new_id(), vmid=vmid, user=USER, target="n2", online=True, bwlimit=1024
+        )
+        reply = await bus.request(compute.GUEST_MIGRATE.to(node="n1"), migrate, timeout=60)
+        upid = reply.upid
+        await until(lambda: name in domains(n2.libvirtd.uri), timeout=60, every=0.1)
+        agent = n1.processes["compute"]
+        agent.signal_group(signal.SIGSTOP)
+        state = await TaskStore(bus).get(upid)
+        assert state.status is TaskStatus.RUNNING, "the migration ended before the agent froze"
+        agent.kill()
+        agent.start()
+        await until(lambda: agent_answers(bus, "n1"), timeout=90, every=0.3)
+
+        ended = await task_end(bus, upid, timeout=60)
+        assert "stopped before the task ended" in ended.exitstatus, ended.exitstatus
+        record = await GuestRegistry(bus).get(vmid)
+        assert (record.node, record.lock) == ("n1", None)
+        assert domains(n1.libvirtd.uri) == {name: True}
+        # libvirt's migration was aborted: nothing stays on the target, now or later.
+        await until(lambda: domains(n2.libvirtd.uri) == {}, timeout=60, every=0.2)
+        await asyncio.sleep(3)
+        assert domains(n2.libvirtd.uri) == {}
+        assert domains(n1.libvirtd.uri) == {name: True}
+        status = await bus.request(
+            compute.GUEST_STATUS.to(node="n1"), compute.VmStatusQuery(vmid=vmid)
+        )
+        assert status.status is PowerState.RUNNING
+
+        # It is an ordinary guest again: it stops and goes away.
+        upid = await ask_n1(bus, compute.GUEST_STOP, cmd(compute.VmStop, vmid))
+        assert (await task_end(bus, upid)).exitstatus == "OK"
+        upid = await ask_n1(bus, compute.GUEST_DESTROY, cmd(compute.VmDestroy, vmid, purge=True))
+        assert (await task_end(bus, upid)).exitstatus == "OK"
+        assert domains(n1.libvirtd.uri) == {}

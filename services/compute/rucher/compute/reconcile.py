@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import structlog
 
 from rucher.bus import RucherError
 from rucher.compute.domain_xml import domain_name
+from rucher.compute.drivers.interface import DomainInfo
 from rucher.compute.service import ComputeService, vmids
 from rucher.proto import compute
 from rucher.proto.common import PowerState
 from rucher.proto.compute import DriftKind
 from rucher.proto.errors import ErrorCode
-from rucher.proto.guest import GuestLock, GuestType
+from rucher.proto.guest import GuestLock, GuestRecord, GuestType
 
 log = structlog.get_logger("rucher.compute.reconcile")
+
+Report = Callable[[DriftKind, int, str], Awaitable[None]]
 
 
 async def reconcile(service: ComputeService) -> list[compute.VmDriftDetected]:
@@ -23,8 +28,9 @@ async def reconcile(service: ComputeService) -> list[compute.VmDriftDetected]:
     interrupted create, destroy or migration: it is stopped and undefined. A document of this
     node without a domain gets its domain defined again from the config; one still locked
     ``create`` without a domain is an interrupted create and is removed with the volumes it
-    allocated. Every guest's state is
-    published so the cluster's view starts right.
+    allocated. A guest still locked ``migrate`` is one whose migration this agent drove and
+    died in (:func:`_interrupted_migration`). Every guest's state is published so the
+    cluster's view starts right.
     """
     hypervisor, guests = service.hypervisor, service.guests
     domains = vmids(await hypervisor.domains())
@@ -48,9 +54,20 @@ async def reconcile(service: ComputeService) -> list[compute.VmDriftDetected]:
         owner = await _owner(service, vmid)
         await hypervisor.stop(info.name)
         await hypervisor.undefine(info.name)
-        where = f"owned by node {owner}" if owner else "unknown to the guest registry"
+        where = f"owned by node {owner.node}" if owner else "unknown to the guest registry"
         await report(DriftKind.UNKNOWN_DOMAIN, vmid, f"domain {where}: stopped and undefined")
+        if (
+            owner is not None
+            and owner.lock is GuestLock.MIGRATE
+            and info.state is PowerState.STOPPED
+        ):
+            # This node moved it (ownership went over) and died before unlocking it.
+            await guests.clear_lock(vmid, GuestLock.MIGRATE)
+            await report(DriftKind.ADOPTED, vmid, f"migrated to node {owner.node}: lock cleared")
     for vmid, record in sorted(records.items()):
+        if record.lock is GuestLock.MIGRATE:
+            await _interrupted_migration(service, record, domains.get(vmid), report)
+            continue
         if vmid in domains:
             if record.lock is GuestLock.CREATE:
                 await guests.clear_lock(vmid, GuestLock.CREATE)
@@ -72,9 +89,43 @@ async def reconcile(service: ComputeService) -> list[compute.VmDriftDetected]:
     return found
 
 
-async def _owner(service: ComputeService, vmid: int) -> str | None:
+async def _interrupted_migration(
+    service: ComputeService, record: GuestRecord, info: DomainInfo | None, report: Report
+) -> None:
+    """Settle a guest whose migration from this node outlived the agent that drove it.
+
+    Running here, it stays: a migration libvirt still carries on is aborted (the guest runs
+    on here, the target's incoming domain goes), and the lock is cleared. Stopped here, it
+    moved nothing yet (ownership moves last) and stays, defined again if need be. Only a
+    guest libvirt reports migrated away keeps its lock: it runs on a node libvirt does not
+    name, and must not be started here.
+    """
+    vmid, hypervisor, name = record.vmid, service.hypervisor, domain_name(record.vmid)
+    if info is not None and info.state is not PowerState.STOPPED:
+        aborted = await hypervisor.abort_job(name)
+        await service.guests.clear_lock(vmid, GuestLock.MIGRATE)
+        how = "its migration aborted" if aborted else "it never left"
+        await report(DriftKind.ADOPTED, vmid, f"interrupted migration: runs here ({how})")
+        await service.state_changed(vmid, await service.power_state(vmid), None, None)
+        return
+    if info is not None and await hypervisor.migrated_away(name):
+        await report(
+            DriftKind.MISSING_DOMAIN,
+            vmid,
+            "interrupted migration: libvirt moved the guest to another node, whose ownership "
+            "did not move; it stays locked (migrate) so it is not started twice",
+        )
+        return
+    if info is None:
+        await service.define(record)
+    await service.guests.clear_lock(vmid, GuestLock.MIGRATE)
+    await report(DriftKind.ADOPTED, vmid, "interrupted migration: stays here, stopped")
+    await service.state_changed(vmid, PowerState.STOPPED, None, None)
+
+
+async def _owner(service: ComputeService, vmid: int) -> GuestRecord | None:
     try:
-        return (await service.guests.get(vmid)).node
+        return await service.guests.get(vmid)
     except RucherError as err:
         if err.code is ErrorCode.NOT_FOUND:
             return None

@@ -21,6 +21,8 @@ class FakeDomain:
     xml: str
     state: PowerState = PowerState.STOPPED
     saved: set[str] = field(default_factory=set)
+    migrating: bool = False
+    migrated: bool = False
 
 
 @dataclass
@@ -83,6 +85,7 @@ class FakeHypervisor:
             raise RucherError(ErrorCode.INTERNAL, "libvirt: domain is already running")
         self.calls.append(("start", name))
         domain.state = PowerState.RUNNING
+        domain.migrated = False
 
     async def stop(self, name: str) -> None:
         """Mark stopped."""
@@ -206,3 +209,16 @@ class FakeHypervisor:
             self.calls.append(("copy_disks", ",".join(target.copy_sources)))
         peer.domains_by_name[name] = FakeDomain(xml=target.domain_xml, state=domain.state)
         domain.state = PowerState.STOPPED
+        domain.migrated = True
+
+    async def abort_job(self, name: str) -> bool:
+        """End a migration marked in progress (``migrating``): the domain stays here."""
+        domain = self._get(name)
+        self.calls.append(("abort_job", name))
+        was, domain.migrating = domain.migrating, False
+        return was
+
+    async def migrated_away(self, name: str) -> bool:
+        """Whether ``migrate`` moved the domain away (and it was not started here since)."""
+        domain = self._get(name)
+        return domain.migrated and domain.state is PowerState.STOPPED

@@ -118,6 +118,15 @@ class Hypervisor(Protocol):
     async def start_paused(self, name: str) -> None:
         """Start a defined domain with its vCPUs paused (it runs no guest code)."""
 
+    async def abort_job(self, name: str) -> bool:
+        """Abort the domain's running job (an outgoing migration) and wait until it has ended.
+
+        Returns whether there was one; an aborted migration leaves the domain running here.
+        """
+
+    async def migrated_away(self, name: str) -> bool:
+        """Whether the domain is stopped here because a migration moved it to another host."""
+
     async def migrate(self, name: str, target: MigrationTarget) -> None:
         """Move running domain ``name`` to ``target``'s hypervisor; on failure it runs here still.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -24,6 +25,8 @@ from rucher.proto.errors import ErrorCode
 T = TypeVar("T")
 
 QEMU_PIDS = Path("/run/libvirt/qemu")
+# How long an aborted job (a migration) may take to end.
+JOB_PATIENCE = 60.0
 SYS_NET = Path("/sys/class/net")
 STATES = {
     libvirt.VIR_DOMAIN_RUNNING: PowerState.RUNNING,
@@ -332,6 +335,39 @@ class LibvirtHypervisor:
         await self._call(
             lambda: self._domain(name).createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
         )
+
+    async def abort_job(self, name: str) -> bool:
+        """Abort the domain's job (a migration another connection started) and wait it out."""
+
+        def work() -> bool:
+            domain = self._domain(name)
+            if domain.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+                return False
+            with contextlib.suppress(libvirt.libvirtError):  # it may have ended meanwhile
+                domain.abortJob()
+            deadline = time.monotonic() + JOB_PATIENCE
+            while domain.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                if time.monotonic() > deadline:
+                    raise RucherError(ErrorCode.TIMEOUT, f"libvirt: the job of {name} goes on")
+                time.sleep(0.1)
+            return True
+
+        return await self._call(work)
+
+    async def migrated_away(self, name: str) -> bool:
+        """Whether libvirt says the domain shut off because it migrated."""
+
+        def work() -> bool:
+            domain = self._lookup(name)
+            if domain is None:
+                return False
+            state, reason = domain.state()
+            return bool(
+                state == libvirt.VIR_DOMAIN_SHUTOFF
+                and reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED
+            )
+
+        return await self._call(work)
 
     async def migrate(self, name: str, target: MigrationTarget) -> None:
         """Live-migrate peer to peer: this libvirtd drives the target's over ``peer_uri``.
