@@ -12,7 +12,10 @@ the test guest of ``ops/build-guest`` (QEMU under TCG when KVM does not work). T
   until libvirt (polled every millisecond on a connection of the bench's own) reports the
   domain running: ``POST .../status/start`` at the gateway with an API token, and
   ``virDomainCreate`` of the same defined domain called directly. The domain is destroyed
-  directly between rounds. ``api_overhead_p50_ms`` = p50(API) - p50(direct); target <= 50 ms.
+  directly between rounds. ``api_overhead_p50_ms`` is the median of the paired differences
+  (API start i minus direct start i, taken back to back), target <= 50 ms; QEMU's own start
+  under TCG varies by seconds on a loaded machine, which pairing cancels where the difference
+  of the two medians (printed too) does not.
 - creates: C ``POST /nodes/{node}/qemu`` at once (each with a new 1 GiB qcow2 disk), each polled
   until its task is ``OK``; ``creates_per_s`` = C / (last OK - first call). Everything is
   destroyed afterwards.
@@ -196,10 +199,12 @@ async def start_overhead(
     domain = connection.lookupByName(f"rucher-{vmid}")
     via_api: list[float] = []
     direct: list[float] = []
+    answered: list[float] = []
     try:
         for _ in range(starts):
             started = time.perf_counter()
             upid = await api.call("POST", f"/nodes/{NODE}/qemu/{vmid}/status/start")
+            answered.append((time.perf_counter() - started) * 1000)
             await until_running(domain, libvirt)
             via_api.append((time.perf_counter() - started) * 1000)
             await api.task_ok(upid)
@@ -213,6 +218,8 @@ async def start_overhead(
         await stop_directly(domain, libvirt)
         connection.close()
         await api.task_ok(await api.call("DELETE", f"/nodes/{NODE}/qemu/{vmid}", purge=1))
+    print(f"the start request itself (until its UPID came back): p50 "
+          f"{statistics.median(answered):.1f} ms")  # fmt: skip
     return via_api, direct
 
 
@@ -305,11 +312,14 @@ def main() -> None:
         f"(min {min(direct):.1f}, max {max(direct):.1f})"
     )
     paired = statistics.median(api - plain for api, plain in zip(via_api, direct, strict=True))
-    print(f"p50 of the paired differences (API round i - direct round i): {paired:.1f} ms")
-    verdict = "meets" if overhead <= OVERHEAD_TARGET_MS else "misses"
-    print(f"API overhead p50 {overhead:.1f} ms: {verdict} the {OVERHEAD_TARGET_MS:.0f} ms target")
+    print(f"difference of the medians: {overhead:.1f} ms")
+    verdict = "meets" if paired <= OVERHEAD_TARGET_MS else "misses"
+    print(
+        f"API overhead p50 (paired rounds) {paired:.1f} ms: "
+        f"{verdict} the {OVERHEAD_TARGET_MS:.0f} ms target"
+    )
     print(f"{args.creates} concurrent creates with a disk each: {rate:.2f} creates/s")
-    print(f"RESULT api_overhead_p50_ms={overhead:.1f} creates_per_s={rate:.2f}")
+    print(f"RESULT api_overhead_p50_ms={paired:.1f} creates_per_s={rate:.2f}")
 
 
 if __name__ == "__main__":
