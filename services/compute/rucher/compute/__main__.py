@@ -17,6 +17,7 @@ from rucher.compute.domain_xml import HostFacts
 from rucher.compute.drivers.libvirt import kvm_usable
 from rucher.compute.drivers.libvirt_cloudinit import CloudInitHypervisor
 from rucher.compute.fencing import LeaseFence
+from rucher.compute.gpu import BusBroker
 from rucher.compute.handlers import serve
 from rucher.compute.migrate_wiring import serve_migration
 from rucher.compute.pools import BusPools
@@ -200,6 +201,7 @@ async def setup(context: ServiceContext) -> None:
         claim_client=BusClaims(context.bus),
         fence=LeaseFence(context.bus),
         pools=BusPools(context.bus),
+        gpu_broker=BusBroker(context.bus),
     )
     drift = await reconcile(service)
     log.info("reconciled", uri=settings.libvirt_uri, kvm=kvm, drift=len(drift))
