@@ -135,6 +135,8 @@ async def vm_config(call: Call) -> dict[str, Any]:
             config.pop(key, None)
     if record.lock is not None:
         config["lock"] = record.lock.value
+    if "cipassword" in config:
+        config["cipassword"] = "**********"  # as Proxmox: the password never leaves the config
     config["digest"] = record.digest
     return config
 
