@@ -129,7 +129,13 @@ def test_a_vm_is_created_started_read_snapshotted_shut_down_cloned_and_deleted(
 
 def test_bad_input_is_400_naming_the_field(agent):
     api = client(agent)
-    with pytest.raises(ResourceException) as caught:
-        api.nodes(NODE).qemu.post(vmid=next_vmid(), net0="virtio,bridge=nosuchbridge0")
-    assert caught.value.status_code == 400
-    assert "net0" in caught.value.errors
+    for field, value in (
+        ("net0", "virtio,bridge=nosuchbridge0"),
+        ("hostpci0", "0000:01:00.0,colour=blue"),
+        ("hostpci1", "not-a-pci-address"),
+        ("hostpci2", "0000:01:00.0,mapping=gpu"),
+    ):
+        with pytest.raises(ResourceException) as caught:
+            api.nodes(NODE).qemu.post(vmid=next_vmid(), **{field: value})
+        assert caught.value.status_code == 400, (field, caught.value)
+        assert field in caught.value.errors, (field, caught.value.errors)
