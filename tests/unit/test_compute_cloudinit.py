@@ -7,6 +7,7 @@ Regenerate after a deliberate change: RUCHER_UPDATE_GOLDEN=1 pytest on this file
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from rucher.compute.cloudinit import (
     cloudinit_drive,
     is_cloudinit_key,
     seed_files,
+    sha512_crypt,
 )
 
 GOLDEN = Path(__file__).parent / "golden" / "cloudinit"
@@ -81,3 +83,25 @@ def test_a_bad_key_names_its_field():
     with pytest.raises(CloudInitError) as caught:
         seed_files(100, {"ipconfig0": "ip=dhcp,mtu=9000", "net0": MAC})
     assert caught.value.field == "ipconfig0"
+
+
+@pytest.mark.parametrize(
+    ("password", "salt"),
+    [("correct horse", "abcdefgh12345678"), ("x", "ab"), ("p" * 100, "0123456789abcdef"),
+     ("é€", "Zz./09")],
+)  # fmt: skip
+def test_sha512_crypt_matches_the_c_library(password, salt):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # deprecated: only the reference here
+    assert sha512_crypt(password, salt) == crypt.crypt(password, f"$6${salt}")
+
+
+def test_a_plain_password_is_hashed_and_a_hash_kept():
+    plain = seed_files(300, {"cipassword": "hunter22"})["user-data"]
+    assert "hunter22" not in plain
+    assert 'password: "$6$' in plain
+    assert plain == seed_files(300, {"cipassword": "hunter22"})["user-data"]  # stable
+    assert plain != seed_files(301, {"cipassword": "hunter22"})["user-data"]  # salted per VM
+    hashed = seed_files(300, {"cipassword": "$5$salt$hash"})["user-data"]
+    assert 'password: "$5$salt$hash"' in hashed

@@ -57,6 +57,60 @@ def cloudinit_drive(config: Mapping[str, str]) -> str | None:
     return None
 
 
+ITOA64 = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# The order SHA-512-crypt encodes the final digest's bytes in, three at a time.
+SHA512_ORDER = [((i * 22) % 63, (i * 22 + 21) % 63, (i * 22 + 42) % 63) for i in range(21)]
+
+
+def _b64(first: int, second: int, third: int, count: int) -> str:
+    word = (first << 16) | (second << 8) | third
+    out = ""
+    for _ in range(count):
+        out += ITOA64[word & 0x3F]
+        word >>= 6
+    return out
+
+
+def sha512_crypt(password: str, salt: str, rounds: int = 5000) -> str:
+    """``crypt(3)``'s SHA-512 scheme (``$6$``), which cloud-init's ``password`` accepts."""
+    key, pepper = password.encode(), salt.encode()[:16]
+    alternate = hashlib.sha512(key + pepper + key).digest()
+    ctx = hashlib.sha512(key + pepper)
+    length = len(key)
+    while length > 64:
+        ctx.update(alternate)
+        length -= 64
+    ctx.update(alternate[:length])
+    length = len(key)
+    while length:
+        ctx.update(alternate if length & 1 else key)
+        length >>= 1
+    digest = ctx.digest()
+    p_bytes = (hashlib.sha512(key * len(key)).digest() * (len(key) // 64 + 1))[: len(key)]
+    s_digest = hashlib.sha512(pepper * (16 + digest[0])).digest()
+    s_bytes = (s_digest * (len(pepper) // 64 + 1))[: len(pepper)]
+    for index in range(rounds):
+        step = hashlib.sha512(p_bytes if index & 1 else digest)
+        if index % 3:
+            step.update(s_bytes)
+        if index % 7:
+            step.update(p_bytes)
+        step.update(digest if index & 1 else p_bytes)
+        digest = step.digest()
+    encoded = "".join(_b64(digest[a], digest[b], digest[c], 4) for a, b, c in SHA512_ORDER)
+    encoded += _b64(0, 0, digest[63], 2)
+    return f"$6${pepper.decode()}${encoded}"
+
+
+def _password(vmid: int, password: str) -> str:
+    """A plain ``cipassword`` hashed (a salt of its own per guest); a hash stays as it is."""
+    if password.startswith("$"):
+        return password
+    seed = hashlib.sha256(f"rucher-cloudinit-{vmid}".encode()).digest()
+    salt = "".join(ITOA64[byte & 0x3F] for byte in seed[:16])
+    return sha512_crypt(password, salt)
+
+
 def _yaml_string(value: str) -> str:
     """A YAML double-quoted scalar (JSON strings are valid YAML)."""
     return json.dumps(value, ensure_ascii=False)
@@ -209,7 +263,7 @@ def _user(vmid: int, config: Mapping[str, str]) -> str:
         lines.append(f"user: {_yaml_string(user)}")
     password = config.get("cipassword")
     if password is not None:
-        lines.append(f"password: {_yaml_string(password)}")
+        lines.append(f"password: {_yaml_string(_password(vmid, password))}")
     keys = _sshkeys(config["sshkeys"]) if config.get("sshkeys") else []
     if keys:
         lines.append("ssh_authorized_keys:")
