@@ -17,19 +17,22 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
 from rucher.bus import KV, Bus, RucherError
 from rucher.bus.client import new_id
-from rucher.compute.domain_xml import HOSTPCI_KEY, DomainConfigError, parse_hostpci
+from rucher.compute.domain_xml import HOSTPCI_KEY, DomainConfigError, domain_name, parse_hostpci
 from rucher.proto import gpu
 from rucher.proto.errors import ErrorCode
 from rucher.proto.gpu import DeviceAllocate, DeviceAllocation, GpuKind, GpuLease, ReleaseReason
-from rucher.proto.guest import GuestType
+from rucher.proto.guest import GuestRecord, GuestType
 from rucher.proto.keys import make_key
 from rucher.proto.streams import GPU_LEASES
+
+if TYPE_CHECKING:
+    from rucher.compute.service import ComputeService, TaskLog
 
 log = structlog.get_logger("rucher.compute.gpu")
 
@@ -269,3 +272,36 @@ async def give_back(broker: Broker | None, vmid: int, reason: ReleaseReason) -> 
 def has_devices(config: Mapping[str, str]) -> bool:
     """Whether ``config`` passes PCI devices through."""
     return any(HOSTPCI_KEY.match(key) for key in config)
+
+
+async def define_and_start(
+    service: ComputeService,
+    record: GuestRecord,
+    command_id: str,
+    task: TaskLog,
+    before_start: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Lease the guest's PCI devices, define its domain with them and start it.
+
+    ``before_start`` runs just before libvirt starts the domain (a fencing check). The leases
+    are given back if the domain cannot be defined or started.
+    """
+    broker = service.gpu_broker
+    hostdevs = await lease(broker, record.vmid, record.config, command_id, task.log)
+    try:
+        await service.define(record, hostdevs)
+        if before_start is not None:
+            await before_start()
+        await service.hypervisor.start(domain_name(record.vmid))
+    except BaseException:
+        if hostdevs:
+            await task.log("start failed: giving the PCI devices back")
+            await give_back(broker, record.vmid, ReleaseReason.ALLOCATION_FAILED)
+        raise
+
+
+async def devices_stopped(service: ComputeService, vmid: int) -> None:
+    """Give back the PCI devices of a guest that stopped (if its config has any)."""
+    record = await service.guests.get(vmid)
+    if has_devices(record.config):
+        await give_back(service.gpu_broker, vmid, ReleaseReason.GUEST_STOPPED)

@@ -200,12 +200,6 @@ class ComputeService:
         """The VM's run state as libvirt sees it (stopped when not defined)."""
         return await self._state(vmid)
 
-    async def devices_stopped(self, vmid: int) -> None:
-        """Give back the PCI devices of a guest that stopped (if its config has any)."""
-        record = await self.guests.get(vmid)
-        if gpu.has_devices(record.config):
-            await gpu.give_back(self.gpu_broker, vmid, ReleaseReason.GUEST_STOPPED)
-
     async def submit(self, kind: str, command: GuestCommand, body: TaskBody) -> TaskAccepted:
         """Run ``body`` as a task of type ``kind`` for ``command``'s guest."""
         return await self._submit(kind, command, body)
@@ -242,32 +236,6 @@ class ComputeService:
         await self.hypervisor.define(
             admission.render(record.vmid, record.config, self.facts, volumes, hostdevs)
         )
-
-    async def define_and_start(
-        self,
-        record: GuestRecord,
-        command_id: str,
-        task: TaskLog,
-        before_start: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        """Lease the guest's PCI devices, define its domain with them and start it.
-
-        ``before_start`` runs just before libvirt starts the domain (a fencing check). The
-        leases are given back if the domain cannot be defined or started.
-        """
-        hostdevs = await gpu.lease(
-            self.gpu_broker, record.vmid, record.config, command_id, task.log
-        )
-        try:
-            await self.define(record, hostdevs)
-            if before_start is not None:
-                await before_start()
-            await self.hypervisor.start(domain_name(record.vmid))
-        except BaseException:
-            if hostdevs:
-                await task.log("start failed: giving the PCI devices back")
-                await gpu.give_back(self.gpu_broker, record.vmid, ReleaseReason.ALLOCATION_FAILED)
-            raise
 
     async def map_volumes(self, config: Mapping[str, str]) -> dict[str, str]:
         """The ``<disk>`` element of every storage volume of ``config``, by key.
@@ -464,7 +432,8 @@ class ComputeService:
         async def body(task: TaskLog) -> None:
             record = await pending.apply_pending(self, command.vmid)
             # As late as possible: a start issued before a fence must not run after it.
-            await self.define_and_start(
+            await gpu.define_and_start(
+                self,
                 record,
                 command.command_id,
                 task,
@@ -491,7 +460,7 @@ class ComputeService:
         async def body(task: TaskLog) -> None:
             await self.hypervisor.stop(domain_name(command.vmid))
             await self.state_changed(command.vmid, PowerState.STOPPED, previous, task.upid)
-            await self.devices_stopped(command.vmid)
+            await gpu.devices_stopped(self, command.vmid)
 
         return await self._submit("qmstop", command, body)
 
@@ -509,7 +478,7 @@ class ComputeService:
                 await task.log("VM still running - terminating now")
                 await self.hypervisor.stop(name)
             await self.state_changed(command.vmid, PowerState.STOPPED, previous, task.upid)
-            await self.devices_stopped(command.vmid)
+            await gpu.devices_stopped(self, command.vmid)
 
         return await self._submit("qmshutdown", command, body)
 
@@ -525,7 +494,7 @@ class ComputeService:
                 raise RucherError(ErrorCode.TIMEOUT, "VM quit/powerdown failed - got timeout")
             await self.state_changed(command.vmid, PowerState.STOPPED, previous, task.upid)
             record = await pending.apply_pending(self, command.vmid)
-            await self.define_and_start(record, command.command_id, task)
+            await gpu.define_and_start(self, record, command.command_id, task)
             await self.state_changed(
                 command.vmid, PowerState.RUNNING, PowerState.STOPPED, task.upid
             )
