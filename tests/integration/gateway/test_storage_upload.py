@@ -241,3 +241,60 @@ def test_proxmoxer_uploads_an_iso_and_a_template(storage_stack, tmp_path):
     folder = storage_stack.root / "local" / "template"
     assert (folder / "iso" / iso.name).read_bytes() == iso.read_bytes()
     assert (folder / "cache" / template.name).read_bytes() == template.read_bytes()
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory (``VmHWM``), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+@pytest.mark.slow
+async def test_a_large_upload_streams_through_the_gateway_in_bounded_memory(storage_stack, admin):
+    size, piece = 96 << 20, 1 << 20
+    gateway = next(p for p in storage_stack.processes if p.name == "gateway")
+    before = peak_rss(gateway.pid)
+    name = f"{unique('big')}.iso"
+    boundary = "rucher" + os.urandom(8).hex()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="content"\r\n\r\niso\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="filename"; filename="{name}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    digest = hashlib.sha256()
+
+    async def body():
+        yield head
+        for index in range(size // piece):
+            chunk = index.to_bytes(4, "big") * (piece // 4)
+            digest.update(chunk)
+            yield chunk
+        yield tail
+
+    response = await admin.client.post(
+        f"/nodes/{NODE}/storage/local/upload",
+        content=body(),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                 "Content-Length": str(len(head) + size + len(tail))},
+        timeout=300,
+    )  # fmt: skip
+    assert response.status_code == 200, response.text
+    task = await finished(admin, response.json()["data"], timeout=300)
+    assert task["exitstatus"] == "OK", task
+    stored = iso_dir(storage_stack) / name
+    assert stored.stat().st_size == size
+
+    def sha256_of(path: Path) -> str:
+        check = hashlib.sha256()
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 20):
+                check.update(chunk)
+        return check.hexdigest()
+
+    assert await asyncio.to_thread(sha256_of, stored) == digest.hexdigest()
+    # 96 MiB went through; the gateway's peak memory grew by a small fraction of that.
+    assert peak_rss(gateway.pid) - before < 24 << 20, (before, peak_rss(gateway.pid))
+    await until_empty(storage_stack)
