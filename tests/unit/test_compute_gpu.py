@@ -229,6 +229,18 @@ async def test_start_leases_each_device_puts_it_in_the_domain_and_stop_gives_it_
     assert broker.released[-2:] == [(100, ReleaseReason.GUEST_DESTROYED)] * 2
 
 
+async def test_a_create_that_starts_the_guest_leases_its_devices(world, broker):
+    await world.service.create(
+        compute.VmCreate(
+            command_id="c", vmid=100, user="root@pam", config={"hostpci0": GPU}, start=True
+        )
+    )
+    assert world.tasks.ended[-1] == ("qmcreate", "OK")
+    (lease,) = broker.held.values()
+    assert lease.address == GPU
+    assert "<hostdev" in world.hypervisor.domains_by_name[domain_name(100)].xml
+
+
 async def test_a_device_that_cannot_be_had_fails_the_start_and_gives_back_the_others(world, broker):
     await world.service.create(create(hostpci0=GPU, hostpci1="0000:09:00.0"))
     await world.service.start(command(compute.VmStart))

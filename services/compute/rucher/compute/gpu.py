@@ -300,6 +300,20 @@ async def define_and_start(
         raise
 
 
+async def start_created(
+    service: ComputeService,
+    vmid: int,
+    config: Mapping[str, str],
+    command_id: str,
+    task: TaskLog,
+) -> None:
+    """Start a guest its create just defined; one with PCI devices is defined with them first."""
+    if has_devices(config):
+        await define_and_start(service, await service.guests.get(vmid), command_id, task)
+    else:
+        await service.hypervisor.start(domain_name(vmid))
+
+
 async def devices_stopped(service: ComputeService, vmid: int) -> None:
     """Give back the PCI devices of a guest that stopped (if its config has any)."""
     record = await service.guests.get(vmid)

@@ -344,7 +344,7 @@ class ComputeService:
                     await _undo(undo)
             if command.start:
                 await task.log(f"starting VM {command.vmid}")
-                await self.hypervisor.start(name)
+                await gpu.start_created(self, command.vmid, config, command.command_id, task)
                 await self.state_changed(
                     command.vmid, PowerState.RUNNING, PowerState.STOPPED, task.upid
                 )
