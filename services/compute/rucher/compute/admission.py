@@ -93,8 +93,8 @@ def render(
 
 
 def _bookkeeping(key: str) -> bool:
-    """Keys for the agent, not the domain: snapshots, detached volumes, what hot-plugs."""
-    return key in {"parent", "hotplug"} or UNUSED_KEY.match(key) is not None
+    """Keys for the agent, not the domain: snapshots, detached volumes, hot-plug, saved state."""
+    return key in {"parent", "hotplug", "vmstate"} or UNUSED_KEY.match(key) is not None
 
 
 def check_node(config: Mapping[str, str], node: NodeFacts, bridges: frozenset[str]) -> None:

@@ -28,6 +28,9 @@ async def free_everything(
 ) -> None:
     """Free the guest's volumes (and, when asked, the unreferenced ones named for it)."""
     volids = disks.every_owned_volume(record.config, record.pending, record.snapshots, record.vmid)
+    state = record.config.get("vmstate", "")  # a hibernated guest's saved state
+    if state and disks.owner(state) == record.vmid and state not in volids:
+        volids.append(state)
     if unreferenced:
         try:
             extra = await service.volumes.owned_by(record.vmid)

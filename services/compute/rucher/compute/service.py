@@ -14,7 +14,7 @@ import structlog
 
 from rucher.bus import RucherError
 from rucher.bus.client import new_id
-from rucher.compute import admission, claims, destroy, disks, gpu, pending
+from rucher.compute import admission, claims, destroy, disks, gpu, hibernate, pending
 from rucher.compute.disks import VolumeStore
 from rucher.compute.domain_xml import HostFacts, domain_name, vmid_of
 from rucher.compute.drivers.interface import DomainInfo, Hypervisor
@@ -422,14 +422,25 @@ class ComputeService:
     # Power ------------------------------------------------------------------------------
 
     async def start(self, command: compute.VmStart) -> TaskAccepted:
-        """Redefine the domain from the current config (pending changes apply) and start it."""
-        owned = await self._owned(command.vmid, skiplock=command.skiplock)
+        """Redefine the domain from the current config (pending changes apply) and start it.
+
+        A hibernated guest is restored from its state volume instead.
+        """
+        owned = await self._owned(command.vmid, skiplock=True)
+        hibernate.refuse_unless_resumable(owned, command.skiplock)
         if owned.config.get("template") == "1":
             raise admission.invalid("vmid", "you can't start a vm if it's a template")
         if await self._state(command.vmid) is not PowerState.STOPPED:
             raise admission.invalid("vmid", f"VM {command.vmid} already running")
 
         async def body(task: TaskLog) -> None:
+            if hibernate.hibernated(record := await self.guests.get(command.vmid)):
+                await require_current_epoch(self.fence, command)
+                await hibernate.resume(self, record, task)
+                await self.state_changed(
+                    command.vmid, PowerState.RUNNING, PowerState.STOPPED, task.upid
+                )
+                return
             record = await pending.apply_pending(self, command.vmid)
             # As late as possible: a start issued before a fence must not run after it.
             await gpu.define_and_start(
@@ -511,13 +522,9 @@ class ComputeService:
         return await self._submit("qmreset", command, body)
 
     async def suspend(self, command: compute.VmSuspend) -> TaskAccepted:
-        """Pause the vCPUs (hibernation to disk needs the storage service)."""
+        """Pause the vCPUs; with ``todisk``, hibernate the guest to a state volume."""
         if command.todisk:
-            raise RucherError(
-                ErrorCode.UNSUPPORTED,
-                "suspend to disk needs the storage service, which this cluster does not run yet",
-                details={"field": "todisk"},
-            )
+            return await hibernate.suspend_to_disk(self, command)
         previous = await self._running(command.vmid, command.skiplock)
 
         async def body(task: TaskLog) -> None:

@@ -49,6 +49,7 @@ class FakeHypervisor:
     secrets: dict[str, bytes] = field(default_factory=dict)
     peers: dict[str, FakeHypervisor] = field(default_factory=dict)
     refuse_migrate: str | None = None
+    saved_states: dict[str, str] = field(default_factory=dict)
 
     def _get(self, name: str) -> FakeDomain:
         domain = self.domains_by_name.get(name)
@@ -210,6 +211,21 @@ class FakeHypervisor:
         peer.domains_by_name[name] = FakeDomain(xml=target.domain_xml, state=domain.state)
         domain.state = PowerState.STOPPED
         domain.migrated = True
+
+    async def save(self, name: str, path: str) -> None:
+        """Stop the running domain, remembering it under ``path``."""
+        domain = self._running(name)
+        self.calls.append(("save", f"{name}:{path}"))
+        self.saved_states[path] = name
+        domain.state = PowerState.STOPPED
+
+    async def restore(self, path: str) -> None:
+        """Run the domain saved under ``path`` again."""
+        name = self.saved_states.pop(path, None)
+        if name is None:
+            raise RucherError(ErrorCode.INTERNAL, f"libvirt: no saved state in {path}")
+        self.calls.append(("restore", f"{name}:{path}"))
+        self._get(name).state = PowerState.RUNNING
 
     async def abort_job(self, name: str) -> bool:
         """End a migration marked in progress (``migrating``): the domain stays here."""

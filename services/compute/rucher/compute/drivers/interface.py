@@ -118,6 +118,12 @@ class Hypervisor(Protocol):
     async def start_paused(self, name: str) -> None:
         """Start a defined domain with its vCPUs paused (it runs no guest code)."""
 
+    async def save(self, name: str, path: str) -> None:
+        """Write running domain ``name``'s whole state to the file ``path`` and stop it."""
+
+    async def restore(self, path: str) -> None:
+        """Run the domain again from the state :meth:`save` wrote to ``path``."""
+
     async def abort_job(self, name: str) -> bool:
         """Abort the domain's running job (an outgoing migration) and wait until it has ended.
 

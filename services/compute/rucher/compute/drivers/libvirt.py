@@ -336,6 +336,14 @@ class LibvirtHypervisor:
             lambda: self._domain(name).createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
         )
 
+    async def save(self, name: str, path: str) -> None:
+        """``virDomainSave``: QEMU streams the guest's state into ``path``; the domain stops."""
+        await self._call(lambda: self._domain(name).save(path))
+
+    async def restore(self, path: str) -> None:
+        """``virDomainRestore``: the domain saved in ``path`` runs again where it was."""
+        await self._call(lambda: self._conn().restore(path))
+
     async def abort_job(self, name: str) -> bool:
         """Abort the domain's job (a migration another connection started) and wait it out."""
 
