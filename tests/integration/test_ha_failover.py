@@ -8,14 +8,16 @@ before the guests start until the end, and no guest may ever run on two nodes at
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 
 import pytest
 
 from rucher.bus import Bus
-from rucher.testing.ha_cluster import HaCluster
+from rucher.testing.ha_cluster import HaCluster, guest_name
 from rucher.testing.libvirt import guest_image  # noqa: F401 - fixture
+from rucher.testing.qemu_checker import boottime
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -61,6 +63,7 @@ async def ha_guests_on_n1(cluster: HaCluster, bus: Bus, count: int = 2) -> list[
     return vmids
 
 
+@pytest.mark.timeout(300)
 async def test_node_loss_every_ha_guest_runs_elsewhere_exactly_once(cluster, bus):
     vmids = await ha_guests_on_n1(cluster, bus)
     moves = await cluster.kill_and_measure("n1", vmids, timeout=60)
@@ -70,3 +73,37 @@ async def test_node_loss_every_ha_guest_runs_elsewhere_exactly_once(cluster, bus
     assert cluster.double_runs() == []
     for move in moves:
         assert move.seconds is not None and move.seconds < 30, move
+
+
+@pytest.mark.timeout(300)
+async def test_partition_the_cut_node_kills_its_guests_before_they_run_elsewhere(cluster, bus):
+    vmids = await ha_guests_on_n1(cluster, bus)
+    assert cluster.checker is not None
+    cut = boottime()
+    await asyncio.to_thread(cluster.harness.cut, "n1")
+    # n1's processes live on, but its watchdog cannot renew the lease: it kills the guests, and
+    # only after its lease expired do the others fence n1 and start them.
+    placed = await cluster.wait_running(vmids, timeout=120, on={"n2", "n3"})
+    assert cluster.double_runs() == []
+    for vmid in vmids:
+        runs = cluster.checker.log.placements(guest_name(vmid))
+        on_n1 = [end for node, _, end in runs if node == "n1"]
+        elsewhere = [start for node, start, _ in runs if node != "n1"]
+        assert on_n1 and elsewhere, runs
+        assert max(on_n1) < min(elsewhere), runs  # killed on n1 before started elsewhere
+        assert max(on_n1) > cut  # the cut node's own watchdog did it, after the cut
+
+    healed = boottime()
+    await asyncio.to_thread(cluster.harness.heal, "n1")
+    await cluster.wait_ha_lease(bus, "n1", timeout=60)  # n1's HA service is back in the cluster
+    await asyncio.sleep(10)
+    assert cluster.double_runs() == [], cluster.history(vmids)
+    for vmid in vmids:
+        again = [
+            start
+            for node, start, _ in cluster.checker.log.placements(guest_name(vmid))
+            if node == "n1" and start >= healed
+        ]
+        assert again == [], f"n1 started {vmid} again after the heal: {cluster.history(vmids)}"
+    assert (await cluster.wait_running(vmids, timeout=5)) == placed
+    assert cluster.double_runs() == []

@@ -156,13 +156,15 @@ class HaCluster:
         assert self.checker is not None
         return self.checker.running().get(guest_name(vmid), set())
 
-    async def wait_running(self, vmids: Iterable[int], timeout: float = 120.0) -> dict[int, str]:
-        """Until each guest runs on exactly one node; that node per guest."""
+    async def wait_running(
+        self, vmids: Iterable[int], timeout: float = 120.0, on: set[str] | None = None
+    ) -> dict[int, str]:
+        """Until each guest runs on exactly one node (one of ``on``); that node per guest."""
         wanted = list(vmids)
         deadline = time.monotonic() + timeout
         while True:
             where = {vmid: self.placement(vmid) for vmid in wanted}
-            if all(len(nodes) == 1 for nodes in where.values()):
+            if all(len(nodes) == 1 and (on is None or nodes <= on) for nodes in where.values()):
                 return {vmid: next(iter(nodes)) for vmid, nodes in where.items()}
             if time.monotonic() > deadline:
                 raise TimeoutError(f"guests not running once each: {where}")
@@ -190,6 +192,11 @@ class HaCluster:
                 break
             await asyncio.sleep(0.05)
         return moves
+
+    def history(self, vmids: Iterable[int]) -> dict[int, list[tuple[str, float, float]]]:
+        """Where and when each guest ran (boottime seconds), for failure messages."""
+        assert self.checker is not None
+        return {vmid: self.checker.log.placements(guest_name(vmid)) for vmid in vmids}
 
     def double_runs(self) -> list[str]:
         """Every time a guest ran on two nodes at once."""

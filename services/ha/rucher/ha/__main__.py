@@ -13,7 +13,7 @@ from importlib import metadata
 import nats.errors
 
 from rucher.ha.config import HaNodeSettings
-from rucher.ha.handlers import follow_capacity
+from rucher.ha.handlers import follow_capacity, follow_manager
 from rucher.ha.lease import start_node_watchdog
 from rucher.ha.live.actions import ClusterActions
 from rucher.ha.live.cache import ClusterCache, node_holder
@@ -47,11 +47,12 @@ async def setup(context: ServiceContext) -> None:
     service = HaService(
         node=bus.node, cache=cache, actions=actions, epoch=lambda: watchdog.epoch, settings=live
     )
-    subscription = await follow_capacity(bus, service)
+    subscriptions = [await follow_capacity(bus, service), await follow_manager(bus, service)]
 
     async def unsubscribe() -> None:
-        with contextlib.suppress(nats.errors.Error):
-            await subscription.unsubscribe()
+        for subscription in subscriptions:
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
 
     context.on_stop(unsubscribe)
     await service.start()

@@ -65,6 +65,11 @@ class HaService:
         """Remember a node's capacity (the static and dynamic schedulers use it)."""
         self.capacities[capacity.node] = capacity
 
+    def manager_announced(self) -> None:
+        """The manager wrote a new state: the LRM reads it now."""
+        if self.lrm_loop is not None:
+            self.lrm_loop.wake()
+
     def _env(self, role: str, bridge: Bridge) -> LiveEnv:
         return LiveEnv(
             node=self.node,

@@ -15,27 +15,36 @@ import time
 from collections.abc import Callable
 
 import msgspec
+import nats.errors
+import nats.js.errors
 import structlog
 
 from rucher.bus import KV, Bus, RucherError
 from rucher.bus.client import new_id
+from rucher.bus.codec import decode, encode
 from rucher.guests import GuestRegistry
 from rucher.ha.live.cache import MANAGER_STATE, lrm_key
+from rucher.ha.live.records import public_status
 from rucher.ha.watchdog import node_lease_name
 from rucher.haconfig import HaConfigStore
 from rucher.leases import Lease
 from rucher.proto import compute
 from rucher.proto.common import PowerState
 from rucher.proto.errors import ErrorCode
+from rucher.proto.guest import GuestRecord
 from rucher.proto.ha import (
+    MANAGER_STATUS_PUBLISHED,
     CrmRequest,
     HaLrmStatus,
     HaManagerState,
     HaResources,
     ManagerStatus,
+    ManagerStatusPublished,
     RequestedState,
 )
-from rucher.proto.streams import HA
+from rucher.proto.keys import make_key
+from rucher.proto.node import LeaseRecord
+from rucher.proto.streams import GUESTS, HA, LEASES
 from rucher.proto.task import TaskAccepted, TaskStatus
 from rucher.tasks import TaskStore
 
@@ -44,6 +53,13 @@ log = structlog.get_logger("rucher.ha.live.actions")
 USER = "root@pam"
 MANAGER_LEASE = "ha-manager"
 TASK_POLL = 0.1
+# A KV message with one of these headers records a removal, not a value.
+REMOVAL_HEADERS = frozenset({"KV-Operation", "Nats-Marker-Reason"})
+
+
+def lease_key(node: str) -> str:
+    """The ``leases`` key of ``node``'s HA lease."""
+    return make_key(node_lease_name(node))
 
 
 class ActionError(Exception):
@@ -70,9 +86,11 @@ class ClusterActions:
         self.registry = GuestRegistry(bus)
         self.tasks = TaskStore(bus)
         self.manager_kv: KV[HaManagerState] = KV(bus, HA, HaManagerState)
+        self.leases_kv: KV[LeaseRecord] = KV(bus, LEASES, LeaseRecord)
         self.lrm_kv: KV[HaLrmStatus] = KV(bus, HA, HaLrmStatus)
         self.manager_lease = Lease.named(bus, MANAGER_LEASE, holder=self.node, ttl=lease_ttl)
         self.fences: dict[str, Lease] = {}
+        self.attempted: dict[int, str] = {}
 
     # --- locks -----------------------------------------------------------------------------
 
@@ -128,11 +146,51 @@ class ClusterActions:
         """Publish the manager's whole state and the Proxmox-visible status."""
         await self.manager_kv.put(MANAGER_STATE, record)
         await self.store.publish_status(status)
+        await self.announce(record)
 
     async def read_manager_state(self) -> HaManagerState | None:
         """The manager's state as stored now (a direct read, not a watch)."""
         entry = await self.manager_kv.get(MANAGER_STATE)
         return entry.value if entry is not None else None
+
+    async def node_leases(self, nodes: list[str]) -> dict[str, LeaseRecord | None]:
+        """Each node's HA lease as stored now (direct reads, not a watch)."""
+        records = await asyncio.gather(*(self.leases_kv.get(lease_key(n)) for n in nodes))
+        return {node: e.value if e else None for node, e in zip(nodes, records, strict=True)}
+
+    async def guest_records(self, vmids: list[int]) -> dict[int, GuestRecord]:
+        """The guests' registry documents as the stream's leader has them (absent ones left out).
+
+        Read from the leader, not a replica: an LRM woken by the manager's announcement must see
+        the owner the manager just wrote, and a replica may not have applied it yet.
+        """
+        records = await asyncio.gather(*(self._leader_guest(vmid) for vmid in vmids))
+        return {record.vmid: record for record in records if record is not None}
+
+    async def _leader_guest(self, vmid: int) -> GuestRecord | None:
+        try:
+            msg = await self.bus.js.get_msg(
+                f"KV_{GUESTS.name}", subject=f"$KV.{GUESTS.name}.{vmid}", direct=False
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as err:
+            raise RucherError(ErrorCode.UNAVAILABLE, f"guest {vmid}: {err!r}") from err
+        removed = msg.headers is not None and bool(set(msg.headers) & REMOVAL_HEADERS)
+        if removed or not msg.data:
+            return None
+        return decode(msg.data, GuestRecord)
+
+    async def announce(self, record: HaManagerState) -> None:
+        """Tell every LRM at once that the manager wrote a new state (core NATS, best effort)."""
+        event = ManagerStatusPublished(
+            event_id=new_id(),
+            node=self.node,
+            time=time.time(),
+            status=public_status(record),
+        )
+        subject = MANAGER_STATUS_PUBLISHED.to(node=self.node).subject
+        await self.bus.nc.publish(subject, encode(event))
 
     async def write_lrm_status(self, record: HaLrmStatus) -> None:
         """Publish this node's LRM status."""
@@ -151,9 +209,25 @@ class ClusterActions:
         await self.store.change_resources(change)
 
     async def steal(self, vmid: int, from_node: str, to_node: str) -> None:
-        """Move a fenced node's guest to its recovery node in the guest registry."""
+        """Move a fenced node's guest to its recovery node in the guest registry.
+
+        Idempotent: an earlier attempt whose answer was lost (the registry's event waits for a
+        stream leader) may have moved it already, here or to the recovery node that attempt
+        chose; a recovering guest runs nowhere until the manager's state names its node, so it
+        may move on from there. Anywhere else it may run: the registry refuses (conflict).
+        """
+        record = await self._leader_guest(vmid)
+        if record is None:
+            raise ActionError(f"VM {vmid} does not exist")
+        if record.node == to_node:
+            return
+        source = from_node
+        if record.node != from_node and record.node == self.attempted.get(vmid):
+            source = record.node
+            log.info("ha_steal_continued", vmid=vmid, was=record.node, fenced=from_node)
+        self.attempted[vmid] = to_node
         await self.registry.transfer(
-            vmid, from_node=from_node, to_node=to_node, token=self.fence_token(from_node)
+            vmid, from_node=source, to_node=to_node, token=self.fence_token(from_node)
         )
 
     async def take_requests(self, requests: list[CrmRequest]) -> None:

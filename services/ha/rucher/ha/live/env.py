@@ -28,7 +28,7 @@ import structlog
 
 from rucher.bus import RucherError
 from rucher.ha.live.actions import ActionError, ClusterActions
-from rucher.ha.live.cache import ClusterCache
+from rucher.ha.live.cache import ClusterCache, node_holder
 from rucher.ha.live.records import (
     control_commands,
     guest_stats,
@@ -122,6 +122,7 @@ class LiveEnv:
         self.log_ = log.bind(role=role)
         self._written: tuple[object, float] | None = None
         self._last_state: HaManagerState | None = None
+        self._online: dict[str, int] | None = None
 
     # --- basics ----------------------------------------------------------------------------
 
@@ -150,12 +151,28 @@ class LiveEnv:
 
     def node_info(self) -> dict[str, bool]:
         """Members (nodes that ran an LRM or hold a lease) and whether each holds its lease."""
-        online = self.cache.online_nodes()
         members = set(self.cache.lrm_nodes()) | set(self.cache.node_leases()) | {self.node}
         state = self.cache.manager_state()
         if state is not None:
             members |= set(state.node_status)
-        return {node: node in online for node in sorted(members)}
+        self._online = self._online_nodes(sorted(members))
+        return {node: node in self._online for node in sorted(members)}
+
+    def _online_nodes(self, members: list[str]) -> dict[str, int]:
+        """Members whose own watchdog holds their lease, with its token, read directly.
+
+        The leases watch stalls for seconds when the node that died led the bucket's stream:
+        an expired lease must still be seen at once (the cache only when the store is away).
+        """
+        try:
+            records = self.bridge.call(self.actions.node_leases(members), self.timeouts.read)
+        except OSError:
+            return self.cache.online_nodes()
+        return {
+            node: record.token
+            for node, record in records.items()
+            if record is not None and record.holder == node_holder(node) and record.token > 0
+        }
 
     def get_manager_lock(self) -> bool:
         """Take or renew the ``ha-manager`` lease."""
@@ -223,7 +240,8 @@ class LiveEnv:
 
     def write_manager_status(self, status: ManagerState) -> None:
         """Write the manager's state (when it changed, or as a heartbeat)."""
-        record = state_to_record(status, self.actions.manager_token, self.cache.online_nodes())
+        epochs = self._online if self._online is not None else self.cache.online_nodes()
+        record = state_to_record(status, self.actions.manager_token, epochs)
         content = _without_time(record)
         if self._unchanged(content):
             return
@@ -253,7 +271,14 @@ class LiveEnv:
 
     def read_service_config(self) -> dict[str, ServiceConfig]:
         """The resources, each on the node that owns its guest."""
-        return service_configs(self.cache.resources(), self.cache.guests())
+        resources = self.cache.resources()
+        vmids = [v for v in (vmid_of(sid) for sid in resources.resources) if v is not None]
+        try:
+            # Directly: right after a recovery the registry's new owner must be seen at once.
+            guests = self.bridge.call(self.actions.guest_records(vmids), self.timeouts.read)
+        except OSError:
+            guests = self.cache.guests()
+        return service_configs(resources, guests)
 
     def update_service_config(self, sid: str, state: str) -> None:
         """Change a resource's requested state."""
