@@ -3,11 +3,17 @@
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass, field
+
+import msgspec
+import pytest
+
 from rucher.compute.domain_xml import domain_name
 from rucher.compute.reconcile import reconcile
 from rucher.proto.common import PowerState
 from rucher.proto.compute import DriftKind
-from rucher.proto.guest import GuestLock, GuestType
+from rucher.proto.guest import GuestLock, GuestRecord, GuestType
 
 from .test_compute_service import NODE, World, world  # noqa: F401 - fixture
 
@@ -60,12 +66,58 @@ async def test_a_stopped_or_missing_guest_stays_here_stopped_and_unlocked(world)
     assert world.hypervisor.domains_by_name[domain_name(403)].state is PowerState.STOPPED
 
 
-async def test_a_guest_libvirt_moved_away_keeps_its_lock_so_it_never_runs_twice(world):
+@dataclass
+class FakePeers:
+    """Other nodes' domains: node → vmid → state."""
+
+    domains: dict[str, dict[int, PowerState]] = field(default_factory=dict)
+
+    async def nodes(self) -> set[str]:
+        return {NODE, *self.domains}
+
+    async def probe(self, node: str, vmid: int) -> PowerState | None:
+        assert node != NODE, "a node does not probe itself"
+        return self.domains[node].get(vmid)
+
+
+async def transfer(
+    guests, vmid: int, *, from_node: str, to_node: str, token: int = 0
+) -> GuestRecord:
+    record = guests.records[vmid]
+    assert record.node == from_node and record.owner_token == token
+    guests.records[vmid] = msgspec.structs.replace(record, node=to_node)
+    return guests.records[vmid]
+
+
+async def test_a_guest_libvirt_moved_to_one_peer_belongs_to_that_peer(world):
+    world.guests.transfer = functools.partial(transfer, world.guests)
     await guest(world, 404, state=PowerState.STOPPED)
     world.hypervisor.domains_by_name[domain_name(404)].migrated = True
-    drift = await reconcile(world.service)
+    peers = FakePeers({PEER: {404: PowerState.RUNNING}, "n3": {}})
+    drift = await reconcile(world.service, peers)
+    assert [(event.vmid, event.kind) for event in drift] == [(404, DriftKind.ADOPTED)]
+    assert f"runs on node {PEER}" in drift[0].detail
+    record = world.guests.records[404]
+    assert (record.node, record.lock) == (PEER, None)
+    assert domain_name(404) not in world.hypervisor.domains_by_name
+
+
+@pytest.mark.parametrize(
+    "peers",
+    [
+        None,
+        FakePeers({PEER: {}}),
+        FakePeers({PEER: {404: PowerState.STOPPED}}),
+        FakePeers({PEER: {404: PowerState.RUNNING}, "n3": {404: PowerState.RUNNING}}),
+    ],
+)
+async def test_a_guest_moved_away_but_not_found_running_once_keeps_its_lock(world, peers):
+    await guest(world, 404, state=PowerState.STOPPED)
+    world.hypervisor.domains_by_name[domain_name(404)].migrated = True
+    drift = await reconcile(world.service, peers)
     assert [(event.vmid, event.kind) for event in drift] == [(404, DriftKind.MISSING_DOMAIN)]
     assert world.guests.records[404].lock is GuestLock.MIGRATE
+    assert world.guests.records[404].node == NODE
 
 
 async def test_a_guest_whose_ownership_moved_is_undefined_here_and_unlocked(world):

@@ -704,6 +704,23 @@ class VmMigrateAbort(GuestCommand, frozen=True, kw_only=True, tag="compute.guest
     claim_id: str | None = None
 
 
+class VmDomainProbe(Query, frozen=True, kw_only=True, tag="compute.guest.domain_probe"):
+    """Whether a node's hypervisor has a VM's domain, whichever node owns the VM.
+
+    A restarted source agent asks its peers where a migration it drove, and that libvirt
+    finished while the agent was down, left the guest.
+    """
+
+    vmid: Vmid
+
+
+class VmDomainPresence(Reply, frozen=True, kw_only=True, tag="compute.guest.domain_presence"):
+    """The node's domain of the VM: its run state, or None when it has none."""
+
+    vmid: Vmid
+    state: PowerState | None = None
+
+
 GUEST_MIGRATE_CHECK = RpcSubject(
     "rpc.compute.guest_migrate_check.{node}",
     VmMigrateCheck,
@@ -727,6 +744,14 @@ GUEST_MIGRATE_FINISH = RpcSubject(
     Scope.NODE,
     "Tell {node}, a migration's target that now owns the VM, to define it and publish its state.",
     reply=Done,
+)
+GUEST_DOMAIN_PROBE = RpcSubject(
+    "rpc.compute.guest_domain_probe.{node}",
+    VmDomainProbe,
+    Kind.RPC,
+    Scope.NODE,
+    "Whether {node}'s hypervisor has a VM's domain (and its state), whoever owns the VM.",
+    reply=VmDomainPresence,
 )
 GUEST_MIGRATE_ABORT = RpcSubject(
     "rpc.compute.guest_migrate_abort.{node}",

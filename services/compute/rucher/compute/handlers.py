@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rucher.bus import Bus
-from rucher.compute import clone, pending, snapshots
+from rucher.compute import clone, pending, probes, snapshots
 from rucher.compute.service import ComputeService
 from rucher.proto import compute
 from rucher.proto.base import RpcSubject
@@ -34,6 +34,7 @@ def routes(service: ComputeService) -> list[tuple[RpcSubject[Any, Any], Callable
         (compute.GUEST_TEMPLATE, functools.partial(clone.template, service)),
         (compute.GUEST_CLONE, functools.partial(clone.clone, service)),
         (compute.DISK_RESIZE, functools.partial(pending.resize, service)),
+        (compute.GUEST_DOMAIN_PROBE, functools.partial(probes.answer_probe, service)),
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import structlog
 
@@ -19,9 +20,22 @@ from rucher.proto.guest import GuestLock, GuestRecord, GuestType
 log = structlog.get_logger("rucher.compute.reconcile")
 
 Report = Callable[[DriftKind, int, str], Awaitable[None]]
+LIVE = frozenset({PowerState.RUNNING, PowerState.PAUSED})
 
 
-async def reconcile(service: ComputeService) -> list[compute.VmDriftDetected]:
+class Peers(Protocol):
+    """The other nodes' hypervisors, as far as reconciliation asks them."""
+
+    async def nodes(self) -> set[str]:
+        """Nodes whose compute agent is registered now."""
+
+    async def probe(self, node: str, vmid: int) -> PowerState | None:
+        """``node``'s domain of ``vmid``: its state, None when it has none."""
+
+
+async def reconcile(
+    service: ComputeService, peers: Peers | None = None
+) -> list[compute.VmDriftDetected]:
     """Adopt or remove what differs so no domain is left without a document, and report it.
 
     A Rucher domain whose guest is unknown or owned by another node is a leftover of an
@@ -66,7 +80,7 @@ async def reconcile(service: ComputeService) -> list[compute.VmDriftDetected]:
             await report(DriftKind.ADOPTED, vmid, f"migrated to node {owner.node}: lock cleared")
     for vmid, record in sorted(records.items()):
         if record.lock is GuestLock.MIGRATE:
-            await _interrupted_migration(service, record, domains.get(vmid), report)
+            await _interrupted_migration(service, record, domains.get(vmid), report, peers)
             continue
         if vmid in domains:
             if record.lock is GuestLock.CREATE:
@@ -90,15 +104,20 @@ async def reconcile(service: ComputeService) -> list[compute.VmDriftDetected]:
 
 
 async def _interrupted_migration(
-    service: ComputeService, record: GuestRecord, info: DomainInfo | None, report: Report
+    service: ComputeService,
+    record: GuestRecord,
+    info: DomainInfo | None,
+    report: Report,
+    peers: Peers | None,
 ) -> None:
     """Settle a guest whose migration from this node outlived the agent that drove it.
 
     Running here, it stays: a migration libvirt still carries on is aborted (the guest runs
     on here, the target's incoming domain goes), and the lock is cleared. Stopped here, it
-    moved nothing yet (ownership moves last) and stays, defined again if need be. Only a
-    guest libvirt reports migrated away keeps its lock: it runs on a node libvirt does not
-    name, and must not be started here.
+    moved nothing yet (ownership moves last) and stays, defined again if need be. A guest
+    libvirt reports migrated away finished moving while the agent was down: the one peer
+    that runs it gets its ownership, as the migration would have given it. If no single
+    peer runs it, it keeps its lock, so it is never started twice.
     """
     vmid, hypervisor, name = record.vmid, service.hypervisor, domain_name(record.vmid)
     if info is not None and info.state is not PowerState.STOPPED:
@@ -109,11 +128,25 @@ async def _interrupted_migration(
         await service.state_changed(vmid, await service.power_state(vmid), None, None)
         return
     if info is not None and await hypervisor.migrated_away(name):
+        target = await _runs_on(service, peers, vmid)
+        if target is not None:
+            await service.guests.transfer(
+                vmid, from_node=service.node, to_node=target, token=record.owner_token
+            )
+            await service.guests.clear_lock(vmid, GuestLock.MIGRATE)
+            await hypervisor.undefine(name)
+            await report(
+                DriftKind.ADOPTED,
+                vmid,
+                f"interrupted migration had finished: the guest runs on node {target}, "
+                "which owns it now",
+            )
+            return
         await report(
             DriftKind.MISSING_DOMAIN,
             vmid,
-            "interrupted migration: libvirt moved the guest to another node, whose ownership "
-            "did not move; it stays locked (migrate) so it is not started twice",
+            "interrupted migration: libvirt moved the guest away, but no single other node "
+            "runs it; it stays locked (migrate) so it is not started twice",
         )
         return
     if info is None:
@@ -121,6 +154,18 @@ async def _interrupted_migration(
     await service.guests.clear_lock(vmid, GuestLock.MIGRATE)
     await report(DriftKind.ADOPTED, vmid, "interrupted migration: stays here, stopped")
     await service.state_changed(vmid, PowerState.STOPPED, None, None)
+
+
+async def _runs_on(service: ComputeService, peers: Peers | None, vmid: int) -> str | None:
+    """The one other node whose hypervisor runs the guest, if exactly one does."""
+    if peers is None:
+        return None
+    running = [
+        node
+        for node in sorted(await peers.nodes() - {service.node})
+        if await peers.probe(node, vmid) in LIVE
+    ]
+    return running[0] if len(running) == 1 else None
 
 
 async def _owner(service: ComputeService, vmid: int) -> GuestRecord | None:

@@ -122,6 +122,11 @@ class GuestStore(Protocol):
     ) -> None:
         """Delete a document."""
 
+    async def transfer(
+        self, vmid: int, *, from_node: str, to_node: str, token: int = 0
+    ) -> GuestRecord:
+        """Move ownership in one atomic write, fenced by ``token``."""
+
 
 class EventSink(Protocol):
     """Publishes this node's events (failures are logged, never raised)."""
