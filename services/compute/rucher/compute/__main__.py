@@ -21,6 +21,7 @@ from rucher.compute.gpu import BusBroker
 from rucher.compute.handlers import serve
 from rucher.compute.migrate_wiring import serve_migration
 from rucher.compute.pools import BusPools
+from rucher.compute.probes import BusProbes
 from rucher.compute.reconcile import reconcile
 from rucher.compute.service import ComputeService
 from rucher.compute.wiring import serve_console_and_rrd
@@ -203,7 +204,7 @@ async def setup(context: ServiceContext) -> None:
         pools=BusPools(context.bus),
         gpu_broker=BusBroker(context.bus),
     )
-    drift = await reconcile(service)
+    drift = await reconcile(service, BusProbes(context.bus))
     log.info("reconciled", uri=settings.libvirt_uri, kvm=kvm, drift=len(drift))
     await service.publish_capacity()
 
