@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Mapping
@@ -21,6 +22,27 @@ class SettingsError(ValueError):
     """An environment variable holds a value the service cannot use."""
 
 
+def env_number(
+    environ: Mapping[str, str], name: str, default: float, minimum: float | None = None
+) -> float:
+    """The number in ``environ[name]`` (``default`` if unset or empty); errors name the variable.
+
+    Without ``minimum`` the value must be positive; with one, at least ``minimum``.
+    """
+    raw = environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as err:
+        raise SettingsError(f"{name}={raw!r} is not a number") from err
+    if minimum is None and value <= 0:
+        raise SettingsError(f"{name}={raw!r} must be positive")
+    if minimum is not None and value < minimum:
+        raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """What every Rucher service reads from ``RUCHER_*`` variables."""
@@ -38,19 +60,7 @@ class Settings:
     @classmethod
     def from_env(cls, service: str, environ: Mapping[str, str] = os.environ) -> Settings:
         """Read the settings, naming the variable at fault when one is wrong."""
-
-        def number(name: str, default: float) -> float:
-            raw = environ.get(name)
-            if raw is None or raw == "":
-                return default
-            try:
-                value = float(raw)
-            except ValueError as err:
-                raise SettingsError(f"{name}={raw!r} is not a number") from err
-            if value <= 0:
-                raise SettingsError(f"{name}={raw!r} must be positive")
-            return value
-
+        number = functools.partial(env_number, environ)
         try:
             log_format = LogFormat(environ.get("RUCHER_LOG_FORMAT", "json"))
         except ValueError as err:

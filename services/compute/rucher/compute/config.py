@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from rucher.service import Settings, SettingsError
+from rucher.service import Settings, env_number
 
 DEFAULT_URI = "qemu:///system"
 
@@ -30,18 +31,7 @@ class ComputeSettings:
     @classmethod
     def from_env(cls, base: Settings, environ: Mapping[str, str] = os.environ) -> ComputeSettings:
         """Read the settings, naming the variable at fault when one is wrong."""
-
-        def number(name: str, default: float) -> float:
-            raw = environ.get(name, "")
-            if raw == "":
-                return default
-            try:
-                value = float(raw)
-            except ValueError as err:
-                raise SettingsError(f"{name}={raw!r} is not a number") from err
-            if value <= 0:
-                raise SettingsError(f"{name}={raw!r} must be positive")
-            return value
+        number = functools.partial(env_number, environ)
 
         console = environ.get("RUCHER_COMPUTE_CONSOLE_DIR") or str(base.state_dir / "console")
         return cls(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from rucher.gpu.pciids import find_pci_ids
-from rucher.service import Settings, SettingsError
+from rucher.service import Settings, SettingsError, env_number
 
 NVML_MODES = ("auto", "off")
 
@@ -27,18 +28,7 @@ class GpuSettings:
     @classmethod
     def from_env(cls, base: Settings, environ: Mapping[str, str] = os.environ) -> GpuSettings:
         """Read the settings, naming the variable at fault when one is wrong."""
-
-        def number(name: str, default: float, minimum: float) -> float:
-            raw = environ.get(name, "")
-            if raw == "":
-                return default
-            try:
-                value = float(raw)
-            except ValueError as err:
-                raise SettingsError(f"{name}={raw!r} is not a number") from err
-            if value < minimum:
-                raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
-            return value
+        number = functools.partial(env_number, environ)
 
         root = Path(environ.get("RUCHER_GPU_SYSFS_ROOT", "") or "/sys")
         if not root.is_dir():

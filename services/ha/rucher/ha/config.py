@@ -7,13 +7,14 @@ can expire for the other nodes, and the TTL outlasts a NATS KV fail-over plus a 
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from rucher.service import Settings, SettingsError
+from rucher.service import Settings, SettingsError, env_number
 
 DEFAULT_LEASE_TTL = 10.0
 DEFAULT_RENEW_INTERVAL = 0.5
@@ -79,18 +80,7 @@ class HaNodeSettings:
     @classmethod
     def from_env(cls, base: Settings, environ: Mapping[str, str] = os.environ) -> HaNodeSettings:
         """Read the settings, naming the variable at fault when one is wrong."""
-
-        def number(name: str, default: float, minimum: float) -> float:
-            raw = environ.get(name, "")
-            if raw == "":
-                return default
-            try:
-                value = float(raw)
-            except ValueError as err:
-                raise SettingsError(f"{name}={raw!r} is not a number") from err
-            if value < minimum:
-                raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
-            return value
+        number = functools.partial(env_number, environ)
 
         hook = environ.get("RUCHER_HA_FENCE_HOOK", "")
         try:

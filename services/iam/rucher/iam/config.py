@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from rucher.service import Settings, SettingsError
+from rucher.service import Settings, env_number
 
 
 @dataclass(frozen=True)
@@ -33,27 +34,16 @@ class IamSettings:
     @classmethod
     def from_env(cls, base: Settings, environ: Mapping[str, str] = os.environ) -> IamSettings:
         """Read the settings, naming the variable at fault when one is wrong."""
+        number = functools.partial(env_number, environ)
 
-        def number(name: str, default: float, minimum: float = 0.0) -> float:
-            raw = environ.get(name, "")
-            if raw == "":
-                return default
-            try:
-                value = float(raw)
-            except ValueError as err:
-                raise SettingsError(f"{name}={raw!r} is not a number") from err
-            if value < minimum:
-                raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
-            return value
-
-        delay = number("RUCHER_LOGIN_FAILURE_DELAY", 2.5)
+        delay = number("RUCHER_LOGIN_FAILURE_DELAY", 2.5, 0.0)
         return cls(
             base=base,
             admin_password=environ.get("RUCHER_ADMIN_PASSWORD") or None,
             pam_service=environ.get("RUCHER_PAM_SERVICE", "rucher"),
             failure_delay=(delay * 0.8, delay * 1.2),
             throttle_after=int(number("RUCHER_LOGIN_THROTTLE_AFTER", 3, 1)),
-            throttle_max=number("RUCHER_LOGIN_THROTTLE_MAX", 30.0),
+            throttle_max=number("RUCHER_LOGIN_THROTTLE_MAX", 30.0, 0.0),
             throttle_window=number("RUCHER_LOGIN_THROTTLE_WINDOW", 900.0, 1.0),
             key_rotation=number("RUCHER_TICKET_KEY_ROTATION", 86_400.0, 60.0),
             clustername=environ.get("RUCHER_CLUSTER_NAME") or None,

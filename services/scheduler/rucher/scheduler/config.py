@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from rucher.placement import Options
 from rucher.proto.scheduler import CrsMode, PlacementPolicy, PlacementStrategy
-from rucher.service import Settings, SettingsError
+from rucher.service import Settings, SettingsError, env_number
 
 
 @dataclass(frozen=True)
@@ -27,18 +28,7 @@ class SchedulerSettings:
     @classmethod
     def from_env(cls, base: Settings, environ: Mapping[str, str] = os.environ) -> SchedulerSettings:
         """Read the settings, naming the variable at fault when one is wrong."""
-
-        def number(name: str, default: float, minimum: float) -> float:
-            raw = environ.get(name, "")
-            if raw == "":
-                return default
-            try:
-                value = float(raw)
-            except ValueError as err:
-                raise SettingsError(f"{name}={raw!r} is not a number") from err
-            if value < minimum:
-                raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
-            return value
+        number = functools.partial(env_number, environ)
 
         def choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
             raw = environ.get(name, "") or default

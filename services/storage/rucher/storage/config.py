@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import configparser
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from rucher.proto.storage import ContentType, StorageDefinition, StorageType
-from rucher.service import Settings, SettingsError
+from rucher.service import Settings, SettingsError, env_number
 
 
 @dataclass(frozen=True)
@@ -35,18 +36,7 @@ class StorageSettings:
     @classmethod
     def from_env(cls, base: Settings, environ: Mapping[str, str] = os.environ) -> StorageSettings:
         """Read the settings, naming the variable at fault when one is wrong."""
-
-        def number(name: str, default: float) -> float:
-            raw = environ.get(name, "")
-            if raw == "":
-                return default
-            try:
-                value = float(raw)
-            except ValueError as err:
-                raise SettingsError(f"{name}={raw!r} is not a number") from err
-            if value <= 0:
-                raise SettingsError(f"{name}={raw!r} must be positive")
-            return value
+        number = functools.partial(env_number, environ)
 
         state = base.state_dir.resolve()
         conf = environ.get("RUCHER_CEPH_CONF", "")
