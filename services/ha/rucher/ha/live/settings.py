@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from rucher.ha.model import ClusterSettings
-from rucher.service import SettingsError
+from rucher.service import SettingsError, env_number
 
 CRS_MODES = ("basic", "static", "dynamic")
 SHUTDOWN_POLICIES = ("conditional", "freeze", "failover", "migrate")
@@ -53,23 +53,10 @@ class LiveSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> LiveSettings:
         """Read ``RUCHER_HA_ROUND_INTERVAL`` and the others, naming the one at fault."""
-
-        def number(name: str, default: float, minimum: float) -> float:
-            raw = environ.get(name, "")
-            if raw == "":
-                return default
-            try:
-                value = float(raw)
-            except ValueError as err:
-                raise SettingsError(f"{name}={raw!r} is not a number") from err
-            if value < minimum:
-                raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
-            return value
-
         return cls(
-            round_interval=number("RUCHER_HA_ROUND_INTERVAL", 1.0, 0.05),
-            min_gap=number("RUCHER_HA_MIN_GAP", 0.1, 0.0),
-            fence_delay=number("RUCHER_HA_FENCE_DELAY", 0.0, 0.0),
+            round_interval=env_number(environ, "RUCHER_HA_ROUND_INTERVAL", 1.0, 0.05),
+            min_gap=env_number(environ, "RUCHER_HA_MIN_GAP", 0.1, 0.0),
+            fence_delay=env_number(environ, "RUCHER_HA_FENCE_DELAY", 0.0, 0.0),
             crs_mode=environ.get("RUCHER_HA_CRS_MODE", "") or "basic",
             shutdown_policy=environ.get("RUCHER_HA_SHUTDOWN_POLICY", "") or "conditional",
             rebalance_on_start=environ.get("RUCHER_HA_REBALANCE_ON_START", "") in ("1", "true"),
