@@ -123,6 +123,7 @@ class LiveEnv:
         self._written: tuple[object, float] | None = None
         self._last_state: HaManagerState | None = None
         self._online: dict[str, int] | None = None
+        self._no_sleep = False
 
     # --- basics ----------------------------------------------------------------------------
 
@@ -135,8 +136,9 @@ class LiveEnv:
         return time.time()
 
     def sleep(self, seconds: float) -> None:
-        """Wait, cut short when the service stops."""
-        self.stopping.wait(seconds)
+        """Wait, cut short when the service stops (skipped when waiting cannot help)."""
+        if not self._no_sleep:
+            self.stopping.wait(seconds)
 
     def log(self, level: str, message: str) -> None:
         """Log one core line (Proxmox's wording) as the ``message`` field."""
@@ -193,12 +195,14 @@ class LiveEnv:
         """This node: its lease is held and the manager saw it; another node: fence it."""
         if node is None or node == self.node:
             epoch = self.epoch()
-            state = self._last_state or self._manager_record()
-            return (
-                epoch is not None
-                and state is not None
-                and state.node_epochs.get(self.node) == epoch
-            )
+            state = self._last_state
+            if epoch is None or state is None or state.node_epochs.get(self.node) != epoch:
+                # Decided before the manager saw this epoch: this round must not act on it, and
+                # waiting within the round cannot help (its state is read once), so no sleeping
+                # until the next round reads the state again.
+                self._no_sleep = True
+                return False
+            return True
         try:
             return self.bridge.call(self.actions.fence(node), self.timeouts.lock)
         except OSError as err:
@@ -236,6 +240,7 @@ class LiveEnv:
         """The manager's last written state."""
         record = self._manager_record()
         self._last_state = record
+        self._no_sleep = False
         return record_to_state(record)
 
     def write_manager_status(self, status: ManagerState) -> None:
