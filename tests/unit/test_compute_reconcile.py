@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import msgspec
 import pytest
 
+from rucher.compute import reconcile as reconcile_module
 from rucher.compute.domain_xml import domain_name
 from rucher.compute.reconcile import reconcile
 from rucher.proto.common import PowerState
@@ -111,7 +112,10 @@ async def test_a_guest_libvirt_moved_to_one_peer_belongs_to_that_peer(world):
         FakePeers({PEER: {404: PowerState.RUNNING}, "n3": {404: PowerState.RUNNING}}),
     ],
 )
-async def test_a_guest_moved_away_but_not_found_running_once_keeps_its_lock(world, peers):
+async def test_a_guest_moved_away_but_not_found_running_once_keeps_its_lock(
+    world, peers, monkeypatch
+):
+    monkeypatch.setattr(reconcile_module, "PROBE_PAUSE", 0.0)
     await guest(world, 404, state=PowerState.STOPPED)
     world.hypervisor.domains_by_name[domain_name(404)].migrated = True
     drift = await reconcile(world.service, peers)
@@ -135,3 +139,21 @@ async def test_an_incoming_guest_of_another_node_is_removed_but_its_lock_is_the_
     assert [event.kind for event in drift] == [DriftKind.UNKNOWN_DOMAIN]
     assert domain_name(406) not in world.hypervisor.domains_by_name
     assert world.guests.records[406].lock is GuestLock.MIGRATE
+
+
+async def test_a_peer_that_answers_late_is_still_found(world, monkeypatch):
+    monkeypatch.setattr(reconcile_module, "PROBE_PAUSE", 0.0)
+    world.guests.transfer = functools.partial(transfer, world.guests)
+    await guest(world, 404, state=PowerState.STOPPED)
+    world.hypervisor.domains_by_name[domain_name(404)].migrated = True
+
+    @dataclass
+    class Restarting(FakePeers):
+        rounds: int = 0
+
+        async def nodes(self) -> set[str]:
+            self.rounds += 1
+            return {NODE} if self.rounds == 1 else {NODE, PEER}
+
+    await reconcile(world.service, Restarting({PEER: {404: PowerState.RUNNING}}))
+    assert world.guests.records[404].node == PEER

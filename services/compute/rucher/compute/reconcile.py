@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -21,6 +22,9 @@ log = structlog.get_logger("rucher.compute.reconcile")
 
 Report = Callable[[DriftKind, int, str], Awaitable[None]]
 LIVE = frozenset({PowerState.RUNNING, PowerState.PAUSED})
+# Where a guest a finished migration moved runs: asked this many times, this far apart.
+PROBE_ROUNDS = 3
+PROBE_PAUSE = 2.0
 
 
 class Peers(Protocol):
@@ -157,15 +161,24 @@ async def _interrupted_migration(
 
 
 async def _runs_on(service: ComputeService, peers: Peers | None, vmid: int) -> str | None:
-    """The one other node whose hypervisor runs the guest, if exactly one does."""
+    """The one other node whose hypervisor runs the guest, if exactly one does.
+
+    Nobody found is asked again a few times: a peer's agent may be restarting too.
+    """
     if peers is None:
         return None
-    running = [
-        node
-        for node in sorted(await peers.nodes() - {service.node})
-        if await peers.probe(node, vmid) in LIVE
-    ]
-    return running[0] if len(running) == 1 else None
+    for attempt in range(PROBE_ROUNDS):
+        if attempt:
+            await asyncio.sleep(PROBE_PAUSE)
+        running = []
+        for node in sorted(await peers.nodes() - {service.node}):
+            state = await peers.probe(node, vmid)
+            log.info("peer_probed", vmid=vmid, peer=node, state=state)
+            if state in LIVE:
+                running.append(node)
+        if running:
+            return running[0] if len(running) == 1 else None
+    return None
 
 
 async def _owner(service: ComputeService, vmid: int) -> GuestRecord | None:
