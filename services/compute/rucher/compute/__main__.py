@@ -225,8 +225,8 @@ async def setup(context: ServiceContext) -> None:
 
     context.on_stop(stop_publisher)
     await serve(context.bus, service)
-    await serve_migration(context, settings, service)
     await serve_console_and_rrd(context, settings, service)
+    await serve_migration(context, settings, service)
 
 
 if __name__ == "__main__":
