@@ -9,6 +9,7 @@ renewed and its loops stop: its guests must be recovered on the others, each exa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import time
@@ -19,6 +20,7 @@ import pytest
 
 from rucher.bus import Bus, RucherError
 from rucher.guests import GuestRegistry
+from rucher.ha.config import FenceHookSettings
 from rucher.ha.live.actions import ClusterActions
 from rucher.ha.live.cache import ClusterCache, node_holder
 from rucher.ha.live.settings import LiveSettings
@@ -237,3 +239,36 @@ async def test_guests_of_a_dead_node_run_again_elsewhere_exactly_once(nats_serve
             )
 
         await until(published, timeout=10, every=0.1)
+
+
+async def test_with_a_fence_hook_a_node_is_fenced_once_its_lease_expired_and_the_hook_succeeded(
+    nats_server, tmp_path
+):
+    marker = tmp_path / "powered-off-d1"
+    async with connected(nats_server.url, node="m1", service="ha") as bus:
+        # The dead node still holds its lease: no fence, and the hook is not even tried.
+        held = Lease.named(bus, node_lease_name("d1"), holder=node_holder("d1"), ttl=2.0)
+        assert await held.try_acquire()
+        hook = FenceHookSettings(command=("touch", str(tmp_path / "powered-off-{node}")), timeout=5)
+        actions = ClusterActions(bus, lease_ttl=2.0, epoch=lambda: None, fence_hook=hook)
+        assert not await actions.fence("d1")
+        assert not marker.exists()
+
+        # Expired: the lease is taken, then the fence waits for the hook's success.
+        await until(lambda: actions.fence("d1"), timeout=10, every=0.1)
+        assert marker.read_text() == ""  # the hook ran for d1
+        assert actions.fence_token("d1") > (held.token or 0)
+
+        # A hook that fails keeps the node unfenced, however often the manager asks.
+        failing = ClusterActions(
+            bus,
+            lease_ttl=2.0,
+            epoch=lambda: None,
+            fence_hook=FenceHookSettings(command=("false",), timeout=5),
+        )
+        second = Lease.named(bus, node_lease_name("d2"), holder=node_holder("d2"), ttl=2.0)
+        assert await second.try_acquire()
+        await second.release()
+        for _ in range(20):
+            assert not await failing.fence("d2")
+            await asyncio.sleep(0.05)

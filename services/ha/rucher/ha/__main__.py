@@ -42,7 +42,10 @@ async def setup(context: ServiceContext) -> None:
     await cache.start()
     context.on_stop(cache.stop)
     actions = ClusterActions(
-        bus, lease_ttl=settings.watchdog.lease_ttl, epoch=lambda: watchdog.epoch
+        bus,
+        lease_ttl=settings.watchdog.lease_ttl,
+        epoch=lambda: watchdog.epoch,
+        fence_hook=settings.fence_hook,
     )
     service = HaService(
         node=bus.node, cache=cache, actions=actions, epoch=lambda: watchdog.epoch, settings=live

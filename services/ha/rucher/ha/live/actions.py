@@ -23,6 +23,8 @@ from rucher.bus import KV, Bus, RucherError
 from rucher.bus.client import new_id
 from rucher.bus.codec import decode, encode
 from rucher.guests import GuestRegistry
+from rucher.ha.config import FenceHookSettings
+from rucher.ha.fence import FenceResult, run_fence_hook
 from rucher.ha.live.cache import MANAGER_STATE, lrm_key
 from rucher.ha.live.records import public_status
 from rucher.ha.watchdog import node_lease_name
@@ -76,8 +78,12 @@ class ClusterActions:
         lease_ttl: float,
         epoch: Callable[[], int | None],
         task_timeout: float = 120.0,
+        fence_hook: FenceHookSettings | None = None,
     ) -> None:
         self.bus = bus
+        self.fence_hook = fence_hook or FenceHookSettings()
+        self.hook_runs: dict[str, asyncio.Task[FenceResult | None]] = {}
+        self.hook_fenced: set[str] = set()
         self.node = bus.node
         self.lease_ttl = lease_ttl
         self.epoch = epoch
@@ -124,16 +130,42 @@ class ClusterActions:
         decisions are written; it runs out one TTL later.
         """
         held = self.fences.get(node)
-        if held is not None and held.held:
+        if held is None or not held.held:
+            self.hook_fenced.discard(node)
+            lease = Lease.named(
+                self.bus,
+                node_lease_name(node),
+                holder=f"{self.node}/ha-manager",
+                ttl=self.lease_ttl,
+            )
+            if not await lease.try_acquire():
+                return False
+            self.fences[node] = lease
+            log.warning("ha_node_fenced", member=node, token=lease.token)
+        return self._hook_fenced(node)
+
+    def _hook_fenced(self, node: str) -> bool:
+        """With an external fence hook, the node is fenced once the hook also succeeded.
+
+        The hook (an IPMI power-off) covers the one case the watchdog does not: its process and
+        its guard both dead while QEMU lives, on a node without ``/dev/watchdog``. It runs in the
+        background; the manager asks again every round, and a failed hook is run again.
+        """
+        if not self.fence_hook.command or node in self.hook_fenced:
             return True
-        lease = Lease.named(
-            self.bus, node_lease_name(node), holder=f"{self.node}/ha-manager", ttl=self.lease_ttl
-        )
-        if not await lease.try_acquire():
+        run = self.hook_runs.get(node)
+        if run is None:
+            self.hook_runs[node] = asyncio.create_task(run_fence_hook(self.fence_hook, node))
             return False
-        self.fences[node] = lease
-        log.warning("ha_node_fenced", member=node, token=lease.token)
-        return True
+        if not run.done():
+            return False
+        del self.hook_runs[node]
+        result = run.result()
+        if result is not None and result.fenced:
+            self.hook_fenced.add(node)
+            return True
+        log.warning("ha_fence_hook_failed", member=node, reason=result.reason if result else "")
+        return False
 
     def fence_token(self, node: str) -> int:
         """The token under which ``node`` was fenced (0 when it was not)."""
