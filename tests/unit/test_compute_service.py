@@ -461,9 +461,7 @@ async def test_start_maps_the_volumes_again(world):
 
 async def test_a_new_disk_on_a_config_change_is_allocated_and_defined(world):
     await world.service.create(create())
-    await world.service.update_config(
-        command(compute.VmConfigUpdate, config={"scsi1": "local:1"})
-    )
+    await world.service.update_config(command(compute.VmConfigUpdate, config={"scsi1": "local:1"}))
     assert world.tasks.ended[-1] == ("qmconfig", "OK")
     assert world.guests.records[100].config["scsi1"] == "local:100/vm-100-disk-0.raw,size=1G"
     assert "vm-100-disk-0.raw" in world.hypervisor.domains_by_name[domain_name(100)].xml
