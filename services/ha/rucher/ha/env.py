@@ -21,6 +21,10 @@ from rucher.ha.model import (
 )
 
 
+class NoRoomError(OSError):
+    """A recovery node refused the guest: its room went since the choice (try the next)."""
+
+
 class HaEnvironment(Protocol):
     """The world as one node's CRM or LRM sees it; every call may be answered from a snapshot."""
 
@@ -105,7 +109,11 @@ class HaEnvironment(Protocol):
         ...
 
     def steal_service(self, sid: str, current_node: str, new_node: str) -> None:
-        """Move a fenced resource's configuration to its recovery node."""
+        """Move a fenced resource's configuration to its recovery node.
+
+        Raises :class:`NoRoomError` when the node cannot take the guest after all (the manager then
+        tries the next node).
+        """
         ...
 
     def read_rules(self) -> RulesConfig:

@@ -116,8 +116,17 @@ class Manager:
             data = self.ss[sid]
             self.usage.add_service(sid, data.state, data.node, data.target)
 
-    def select_service_node(self, sid: str, config: ServiceConfig, preference: str) -> str | None:  # noqa: PLR0911
-        """Where ``sid`` should run; preference ``none`` (stay), ``best-score`` or ``try-next``."""
+    def select_service_node(  # noqa: PLR0911
+        self,
+        sid: str,
+        config: ServiceConfig,
+        preference: str,
+        exclude: frozenset[str] = frozenset(),
+    ) -> str | None:
+        """Where ``sid`` should run; preference ``none`` (stay), ``best-score`` or ``try-next``.
+
+        ``exclude``: nodes that refused the guest in this round (no room left there).
+        """
         data = self.ss[sid]
         current = data.node
         online = set(self.usage.nodes)
@@ -136,6 +145,7 @@ class Manager:
             pri_nodes -= set(data.failed_nodes or ())
         apply_negative(separate, pri_nodes)
         apply_positive(together, pri_nodes)
+        pri_nodes -= exclude
         fallback = data.maintenance_node
         if fallback is not None and fallback in pri_nodes:
             return fallback

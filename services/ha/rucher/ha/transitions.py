@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rucher.ha.env import NoRoomError
 from rucher.ha.model import ExitCode, LrmResult, ServiceConfig
 
 if TYPE_CHECKING:
@@ -294,8 +295,16 @@ def next_recovery(manager: Manager, sid: str, config: ServiceConfig) -> None:
     data = manager.ss[sid]
     env = manager.env
     fenced = data.node
+    refused: frozenset[str] = frozenset()
     node = manager.select_service_node(sid, config, "best-score")
-    if node is not None:
+    while node is not None:
+        try:
+            env.steal_service(sid, fenced, node)
+        except NoRoomError as err:
+            env.log("warning", f"recovery node '{node}' refused service '{sid}': {err}")
+            refused |= {node}
+            node = manager.select_service_node(sid, config, "best-score", refused)
+            continue
         if node == fenced:
             env.log(
                 "info",
@@ -303,7 +312,6 @@ def next_recovery(manager: Manager, sid: str, config: ServiceConfig) -> None:
             )
         else:
             env.log("info", f"recover service '{sid}' from fenced node '{fenced}' to node '{node}'")
-        env.steal_service(sid, fenced, node)
         config.node = node
         data.node = node
         manager.change_state(

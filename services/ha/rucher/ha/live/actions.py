@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import msgspec
 import nats.errors
@@ -22,15 +22,18 @@ import structlog
 from rucher.bus import KV, Bus, RucherError
 from rucher.bus.client import new_id
 from rucher.bus.codec import decode, encode
+from rucher.claims import BusEvents, KvClaimStore
 from rucher.guests import GuestRegistry
 from rucher.ha.config import FenceHookSettings
 from rucher.ha.fence import FenceResult, run_fence_hook
 from rucher.ha.live.cache import MANAGER_STATE, lrm_key
+from rucher.ha.live.claims import HaClaims
 from rucher.ha.live.records import public_status
 from rucher.ha.watchdog import node_lease_name
 from rucher.haconfig import HaConfigStore
 from rucher.leases import Lease
 from rucher.proto import compute
+from rucher.proto.cluster import NodeCapacity
 from rucher.proto.common import PowerState
 from rucher.proto.errors import ErrorCode
 from rucher.proto.guest import GuestRecord
@@ -46,6 +49,7 @@ from rucher.proto.ha import (
 )
 from rucher.proto.keys import make_key
 from rucher.proto.node import LeaseRecord
+from rucher.proto.scheduler import Claim
 from rucher.proto.streams import GUESTS, HA, LEASES
 from rucher.proto.task import TaskAccepted, TaskStatus
 from rucher.tasks import TaskStore
@@ -97,6 +101,7 @@ class ClusterActions:
         self.manager_lease = Lease.named(bus, MANAGER_LEASE, holder=self.node, ttl=lease_ttl)
         self.fences: dict[str, Lease] = {}
         self.attempted: dict[int, str] = {}
+        self.claims = HaClaims(KvClaimStore(bus), BusEvents(bus))
 
     # --- locks -----------------------------------------------------------------------------
 
@@ -240,17 +245,28 @@ class ClusterActions:
 
         await self.store.change_resources(change)
 
-    async def steal(self, vmid: int, from_node: str, to_node: str) -> None:
+    async def steal(
+        self,
+        vmid: int,
+        from_node: str,
+        to_node: str,
+        capacity: NodeCapacity | None = None,
+        guests: Mapping[int, GuestRecord] | None = None,
+    ) -> None:
         """Move a fenced node's guest to its recovery node in the guest registry.
 
         Idempotent: an earlier attempt whose answer was lost (the registry's event waits for a
         stream leader) may have moved it already, here or to the recovery node that attempt
         chose; a recovering guest runs nowhere until the manager's state names its node, so it
         may move on from there. Anywhere else it may run: the registry refuses (conflict).
+        With ``capacity`` given, the guest's room on ``to_node`` is claimed first (``NoRoomError``
+        when the node is full: it is not moved there).
         """
         record = await self._leader_guest(vmid)
         if record is None:
             raise ActionError(f"VM {vmid} does not exist")
+        if capacity is not None:
+            await self.claims.claim(record, to_node, capacity, guests or {}, fenced=from_node)
         if record.node == to_node:
             return
         source = from_node
@@ -303,17 +319,37 @@ class ClusterActions:
         epoch = self.epoch()
         if epoch is None:
             raise ActionError("this node holds no HA lease")
+        try:
+            claim = await self.claims.pending(self.node, vmid)
+        except RucherError as err:  # the start must not wait on the allocations store
+            log.warning("ha_claim_unreadable", vmid=vmid, error=err.message)
+            claim = None
         command = compute.VmStart(
             command_id=new_id(),
             vmid=vmid,
             user=USER,
             fence_lease=node_lease_name(self.node),
             fence_epoch=epoch,
+            claim_id=claim.claim_id if claim is not None else None,
         )
-        reply = await self.bus.request(
-            compute.GUEST_START.to(node=self.node), command, timeout=30.0
-        )
-        await self._run_task("start", reply.upid)
+        try:
+            reply = await self.bus.request(
+                compute.GUEST_START.to(node=self.node), command, timeout=30.0
+            )
+            await self._run_task("start", reply.upid)
+        except (RucherError, ActionError) as err:
+            if claim is not None:
+                await self.claims.release(claim, f"start failed: {err}")
+            raise
+        if claim is not None:
+            await self._confirm(claim)
+
+    async def _confirm(self, claim: Claim) -> None:
+        """The recovered guest runs: its claim's room stays held (an expired claim is logged)."""
+        try:
+            await self.claims.confirm(claim)
+        except RucherError as err:
+            log.warning("ha_claim_not_confirmed", claim=claim.claim_id, error=err.message)
 
     async def shutdown(self, vmid: int, timeout: int | None) -> None:
         """Stop the guest here: at once with timeout 0, else ACPI then force after ``timeout``."""

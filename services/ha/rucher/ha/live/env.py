@@ -294,7 +294,11 @@ class LiveEnv:
         vmid = vmid_of(sid)
         if vmid is None:
             return  # containers are not compute guests yet: the simulator covers them
-        self.bridge.call(self.actions.steal(vmid, current_node, new_node), self.timeouts.store)
+        capacity = self.capacity(new_node)
+        stealing = self.actions.steal(
+            vmid, current_node, new_node, capacity=capacity, guests=self.cache.guests()
+        )
+        self.bridge.call(stealing, self.timeouts.store)  # NoRoomError reaches the core as it is
 
     def read_rules(self) -> RulesConfig:
         """The enabled rules and the groups."""
