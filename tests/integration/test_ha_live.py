@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from rucher.bus import Bus, RucherError
+from rucher.claims import KvClaimStore
 from rucher.guests import GuestRegistry
 from rucher.ha.config import FenceHookSettings
 from rucher.ha.live.actions import ClusterActions
@@ -29,6 +30,7 @@ from rucher.ha.watchdog import node_lease_name
 from rucher.haconfig import HaConfigStore
 from rucher.leases import Lease, check_token
 from rucher.proto import compute
+from rucher.proto.cluster import CpuArch, NodeCapacity
 from rucher.proto.common import PowerState
 from rucher.proto.errors import ErrorCode
 from rucher.proto.guest import GuestType
@@ -239,6 +241,85 @@ async def test_guests_of_a_dead_node_run_again_elsewhere_exactly_once(nats_serve
             )
 
         await until(published, timeout=10, every=0.1)
+
+
+def node_capacity(node: str, memory_mib: int) -> NodeCapacity:
+    """A node's published capacity with ``memory_mib`` of memory."""
+    return NodeCapacity(
+        node=node,
+        arch=CpuArch.X86_64,
+        cpu_model="test",
+        cpus=8,
+        sockets=1,
+        memory_total=memory_mib << 20,
+        memory_used=0,
+        time=time.time(),
+    )
+
+
+async def test_recoveries_claim_their_room_skip_a_full_node_and_never_overcommit(nats_server):
+    world = World()
+    base = 800_000 + secrets.randbelow(90_000)
+    first, second, resident = base, base + 1, base + 2
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = {
+            name: await stack.enter_async_context(live_node(nats_server.url, name, world))
+            for name in NODES
+        }
+        # n2 (first by name among equal scores) is full with a guest outside HA; n3 has room
+        # for exactly one of the two 768 MiB guests that run on n1.
+        for node in nodes.values():
+            node.service.capacity_published(node_capacity("n2", 1024))
+            node.service.capacity_published(node_capacity("n3", 1024))
+        bus = nodes["n3"].bus
+        registry = GuestRegistry(bus)
+        for vmid, node, memory in ((first, "n1", 768), (second, "n1", 768), (resident, "n2", 512)):
+            await registry.register(
+                guest_type=GuestType.QEMU,
+                node=node,
+                config={"memory": str(memory)},
+                vmid=vmid,
+                lock=None,
+            )
+        await HaConfigStore(bus).change_resources(
+            lambda _: HaResources(
+                resources={f"vm:{v}": HaResource(sid=f"vm:{v}") for v in (first, second)}
+            )
+        )
+        await until(
+            lambda: all(world.running.get(v) == {"n1"} for v in (first, second)),
+            timeout=30,
+            every=0.1,
+        )
+        await nodes["n1"].die(world)
+
+        def one_recovered() -> bool:
+            return any("n3" in world.running.get(v, set()) for v in (first, second))
+
+        await until(one_recovered, timeout=TTL * 5, every=0.05)
+        store = KvClaimStore(bus)
+
+        async def confirmed_on_n3() -> bool:
+            document, _ = await store.read("n3")
+            return document is not None and any(c.confirmed for c in document.claims)
+
+        await until(confirmed_on_n3, timeout=10, every=0.1)
+        await asyncio.sleep(TTL)  # further rounds: the other guest still finds no room
+        [moved] = [v for v in (first, second) if world.running.get(v)]
+        stuck = second if moved == first else first
+        assert world.running[moved] == {"n3"} and not world.running.get(stuck)
+        assert world.double_runs == []
+        document, _ = await store.read("n3")
+        assert document is not None
+        [claim] = document.claims
+        assert claim.vmid == moved and claim.scheduler == "ha" and claim.confirmed
+        assert claim.resources.memory == 768 << 20
+        full, _ = await store.read("n2")
+        assert full is None or full.claims == ()
+        assert (await registry.get(stuck)).node in ("n1", "n2", "n3")
+        status = await HaConfigStore(bus).manager_status()
+        assert status is not None
+        assert status.service_status[f"vm:{stuck}"].state is ServiceState.RECOVERY
 
 
 async def test_with_a_fence_hook_a_node_is_fenced_once_its_lease_expired_and_the_hook_succeeded(
