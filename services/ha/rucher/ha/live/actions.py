@@ -368,12 +368,41 @@ class ClusterActions:
             )
         await self._run_task("shutdown", reply.upid)
 
-    async def migrate(self, vmid: int, target: str, online: bool) -> None:
-        """Move the guest to ``target`` (live when ``online``)."""
+    async def migrate(
+        self,
+        vmid: int,
+        target: str,
+        online: bool,
+        capacity: NodeCapacity | None = None,
+        guests: Mapping[int, GuestRecord] | None = None,
+    ) -> None:
+        """Move the guest to ``target`` (live when ``online``).
+
+        With ``capacity`` given, the guest's room on ``target`` is claimed first (``NoRoomError``
+        when it is full); the target's agent confirms the claim, or releases it when the
+        migration fails, as for the scheduler's migrations.
+        """
+        claim: Claim | None = None
+        if capacity is not None:
+            record = await self._leader_guest(vmid)
+            if record is None:
+                raise ActionError(f"VM {vmid} does not exist")
+            claim = await self.claims.claim(record, target, capacity, guests or {})
         command = compute.VmMigrate(
-            command_id=new_id(), vmid=vmid, user=USER, target=target, online=online
+            command_id=new_id(),
+            vmid=vmid,
+            user=USER,
+            target=target,
+            online=online,
+            claim_id=claim.claim_id if claim is not None else None,
+            claim_token=claim.token if claim is not None else 0,
         )
-        reply = await self.bus.request(
-            compute.GUEST_MIGRATE.to(node=self.node), command, timeout=30.0
-        )
+        try:
+            reply = await self.bus.request(
+                compute.GUEST_MIGRATE.to(node=self.node), command, timeout=30.0
+            )
+        except RucherError:
+            if claim is not None:  # the agent never took the migration: nothing releases it
+                await self.claims.release(claim, "migration refused")
+            raise
         await self._run_task("migrate", reply.upid)

@@ -372,7 +372,10 @@ class LiveEnv:
         try:
             if not online and self.check_running(sid):
                 self.bridge.call(self.actions.shutdown(vmid, None), self.timeouts.action)
-            self.bridge.call(self.actions.migrate(vmid, target, online), self.timeouts.action)
+            moving = self.actions.migrate(
+                vmid, target, online, capacity=self.capacity(target), guests=self.cache.guests()
+            )
+            self.bridge.call(moving, self.timeouts.action)
         except OSError as err:
             self.log("warning", f"migration of {sid} to {target} failed: {err}")
             return False
