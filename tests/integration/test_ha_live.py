@@ -22,6 +22,7 @@ from rucher.bus import Bus, RucherError
 from rucher.claims import KvClaimStore
 from rucher.guests import GuestRegistry
 from rucher.ha.config import FenceHookSettings
+from rucher.ha.env import NoRoomError
 from rucher.ha.live.actions import ClusterActions
 from rucher.ha.live.cache import ClusterCache, node_holder
 from rucher.ha.live.settings import LiveSettings
@@ -320,6 +321,40 @@ async def test_recoveries_claim_their_room_skip_a_full_node_and_never_overcommit
         status = await HaConfigStore(bus).manager_status()
         assert status is not None
         assert status.service_status[f"vm:{stuck}"].state is ServiceState.RECOVERY
+
+
+async def test_a_migration_claims_room_on_its_target_and_gives_it_back_when_refused(nats_server):
+    vmid = 800_000 + secrets.randbelow(90_000)
+    async with (
+        connected(nats_server.url, node="m1", service="ha") as bus,
+        connected(nats_server.url, node="m1", service="compute") as agent_bus,
+    ):
+        await GuestRegistry(bus).register(
+            guest_type=GuestType.QEMU, node="m1", config={"memory": "768"}, vmid=vmid, lock=None
+        )
+        actions = ClusterActions(bus, lease_ttl=TTL, epoch=lambda: 1)
+        store = KvClaimStore(bus)
+        with pytest.raises(NoRoomError):
+            await actions.migrate(vmid, "m2", True, capacity=node_capacity("m2", 512), guests={})
+        assert (await store.read("m2"))[0] is None
+
+        asked: list[compute.VmMigrate] = []
+
+        async def refuse(command: compute.VmMigrate, _: object) -> TaskAccepted:
+            asked.append(command)
+            document, _revision = await store.read("m2")
+            assert document is not None and [c.claim_id for c in document.claims] == [
+                command.claim_id
+            ]
+            raise RucherError(ErrorCode.CONFLICT, "VM is locked (migrate)")
+
+        await agent_bus.serve(compute.GUEST_MIGRATE, refuse, node="m1")
+        with pytest.raises(RucherError):
+            await actions.migrate(vmid, "m2", True, capacity=node_capacity("m2", 1024), guests={})
+        [command] = asked
+        assert command.claim_id is not None and command.claim_token > 0
+        document, _ = await store.read("m2")
+        assert document is not None and document.claims == ()
 
 
 async def test_with_a_fence_hook_a_node_is_fenced_once_its_lease_expired_and_the_hook_succeeded(
