@@ -176,11 +176,28 @@ async def test_start_sweeps_leftover_ha_guests_before_any_lease():
     await watchdog.stop()
 
 
-async def test_stop_with_ha_guests_keeps_the_lease_to_run_out():
+async def _running(vmids: frozenset[int]) -> bool:
+    return True
+
+
+async def _gone(vmids: frozenset[int]) -> bool:
+    return False
+
+
+async def test_stop_with_ha_guests_running_here_keeps_the_lease_to_run_out():
     lease, kill = FakeLease(FAST.lease_ttl), FakeKiller()
-    watchdog = await _armed(lease, kill)
+    watchdog = await _armed(lease, kill, present=_running)
     await watchdog.stop()
     assert not lease.released
+
+
+async def test_stop_after_the_shutdown_policy_moved_every_ha_guest_releases_the_lease():
+    lease, kill = FakeLease(FAST.lease_ttl), FakeKiller()
+    watchdog = await _armed(lease, kill, present=_gone)  # HA guests exist, none runs here
+    kill.calls.clear()
+    await watchdog.stop()
+    assert lease.released
+    assert kill.calls == []
 
 
 async def test_stop_without_ha_guests_releases_the_lease():

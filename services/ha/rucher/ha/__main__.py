@@ -3,6 +3,8 @@
 Composition root: read the settings, follow the HA guest set, hold the node's lease under the
 watchdog (with its guard process), follow the cluster store, then run the CRM (the elected
 manager's rounds) and the LRM (this node's guests) over the live environment until stopped.
+When stopped, the LRM first applies the shutdown policy, and the watchdog then releases the
+node lease if no HA guest is left running here.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from rucher.ha.lease import start_node_watchdog
 from rucher.ha.live.actions import ClusterActions
 from rucher.ha.live.cache import ClusterCache, node_holder
 from rucher.ha.live.settings import LiveSettings
-from rucher.ha.service import HaService
+from rucher.ha.service import HaService, reboot_requested
 from rucher.service import ServiceContext, main
 
 VERSION = metadata.version("rucher-ha")
@@ -60,6 +62,14 @@ async def setup(context: ServiceContext) -> None:
     context.on_stop(unsubscribe)
     await service.start()
     context.on_stop(service.stop)
+    # Run first on SIGTERM (the node goes down): the shutdown policy, within the runner's grace.
+    limit = min(live.shutdown_timeout, max(context.settings.shutdown_grace - 1.0, 0.0))
+
+    async def going_down() -> None:
+        reboot = reboot_requested(context.settings.state_dir)
+        await service.shut_down(reboot=reboot, timeout=limit)
+
+    context.on_stop(going_down)
 
 
 if __name__ == "__main__":

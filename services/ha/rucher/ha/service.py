@@ -12,6 +12,7 @@ import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -25,6 +26,33 @@ from rucher.ha.lrm import Lrm
 from rucher.proto.cluster import NodeCapacity
 
 log = structlog.get_logger("rucher.ha.service")
+
+# Written by ops/ (or the administrator) before a reboot; absent, a stop is a node shutdown.
+REBOOT_FLAG = "ha-reboot"
+
+
+def reboot_requested(state_dir: Path) -> bool:
+    """Whether this stop is a reboot (the flag file is taken, so it counts once)."""
+    flag = state_dir / REBOOT_FLAG
+    try:
+        flag.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class LiveLrm(Lrm):
+    """The core's LRM that takes the node's shutdown request at the start of a round."""
+
+    def __init__(self, env: LiveEnv, requested: Callable[[], bool]) -> None:
+        super().__init__(env)
+        self.requested = requested
+
+    def iterate(self, cluster_state_ok: bool = True) -> bool:
+        """Apply the shutdown policy once the node goes down, then run the round."""
+        if self.requested() and not self.shutdown_requested:
+            self.shutdown_request()
+        return super().iterate(cluster_state_ok)
 
 
 @dataclass(frozen=True)
@@ -60,6 +88,7 @@ class HaService:
         self.stopping = threading.Event()
         self.crm_loop: RoundLoop | None = None
         self.lrm_loop: RoundLoop | None = None
+        self.going_down: str | None = None  # "shutdown" or "reboot" once told
 
     def capacity_published(self, capacity: NodeCapacity) -> None:
         """Remember a node's capacity (the static and dynamic schedulers use it)."""
@@ -81,6 +110,7 @@ class HaService:
             settings=self.settings.cluster,
             capacity=self.capacities.get,
             stopping=self.stopping,
+            node_shutdown=lambda: (self.going_down is not None, self.going_down == "reboot"),
         )
 
     def _changed(self, topic: str, key: str) -> None:
@@ -95,11 +125,38 @@ class HaService:
         crm_env, lrm_env = self._env("crm", bridge), self._env("lrm", bridge)
         interval, gap = self.settings.round_interval, self.settings.min_gap
         self.crm_loop = RoundLoop("crm", lambda: Crm(crm_env), interval=interval, min_gap=gap)
-        self.lrm_loop = RoundLoop("lrm", lambda: Lrm(lrm_env), interval=interval, min_gap=gap)
+        self.lrm_loop = RoundLoop(
+            "lrm",
+            lambda: LiveLrm(lrm_env, lambda: self.going_down is not None),
+            interval=interval,
+            min_gap=gap,
+        )
         self.cache.listeners.append(self._changed)
         self.crm_loop.start()
         self.lrm_loop.start()
         log.info("ha_service_started", node=self.node, interval=interval)
+
+    async def shut_down(self, *, reboot: bool, timeout: float) -> bool:
+        """The node goes down: the LRM applies the shutdown policy within ``timeout`` seconds.
+
+        True once the LRM finished (its guests stopped, frozen or moved away, so the node lease
+        may be released); False when the time ran out (the watchdog's kill path then applies).
+        """
+        kind = "reboot" if reboot else "shutdown"
+        self.going_down = kind
+        loop = self.lrm_loop
+        if loop is None:
+            return False
+        log.info("ha_node_going_down", node=self.node, kind=kind, timeout=timeout)
+        loop.wake()
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.finished()
+        except TimeoutError:
+            log.warning("ha_shutdown_policy_unfinished", node=self.node, kind=kind)
+            return False
+        log.info("ha_shutdown_policy_applied", node=self.node, kind=kind)
+        return True
 
     async def stop(self) -> None:
         """Stop the loops; the manager lease is given up if held."""

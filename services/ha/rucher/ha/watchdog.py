@@ -194,7 +194,11 @@ class NodeWatchdog:
         self._tasks = []
         if self._dropping is not None:
             self._dropping.cancel()
-        unprotected = self.state is WatchdogState.ARMED and bool(self.ha_vmids())
+        vmids = self.ha_vmids()
+        # After the shutdown policy ran, no HA guest is left here and the lease goes at once.
+        unprotected = (
+            self.state is WatchdogState.ARMED and bool(vmids) and await self.present(vmids)
+        )
         if not unprotected:
             with contextlib.suppress(RucherError):
                 await self.lease.release()

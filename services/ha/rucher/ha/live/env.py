@@ -108,6 +108,7 @@ class LiveEnv:
         capacity: Callable[[str], PublishedCapacity | None],
         stopping: threading.Event,
         timeouts: Timeouts = Timeouts(),
+        node_shutdown: Callable[[], tuple[bool, bool]] = lambda: (False, False),
     ) -> None:
         self.node = node
         self.role = role
@@ -119,6 +120,7 @@ class LiveEnv:
         self.capacity = capacity
         self.stopping = stopping
         self.timeouts = timeouts
+        self.node_shutdown = node_shutdown
         self.log_ = log.bind(role=role)
         self._written: tuple[object, float] | None = None
         self._last_state: HaManagerState | None = None
@@ -317,8 +319,8 @@ class LiveEnv:
         return self.settings
 
     def is_node_shutdown(self) -> tuple[bool, bool]:
-        """The service never shuts the node down."""
-        return False, False
+        """Whether the node is going down (the service was told so), and whether it reboots."""
+        return self.node_shutdown()
 
     def has_crm_commands(self) -> bool:
         """Whether requests are queued or the administrator's wishes are not applied yet."""

@@ -60,6 +60,11 @@ class RoundLoop:
         """Start the loop in the background."""
         self._task = asyncio.create_task(self._run(), name=f"ha-{self.name}")
 
+    async def finished(self) -> None:
+        """Wait until the daemon exits on its own (a cancelled wait leaves the loop running)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
     async def stop(self) -> None:
         """Stop after the round in progress (the core is not interrupted mid-round)."""
         if self._task is not None:

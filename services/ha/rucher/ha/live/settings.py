@@ -28,6 +28,7 @@ class LiveSettings:
     crs_mode: str = "basic"
     shutdown_policy: str = "conditional"
     rebalance_on_start: bool = False
+    shutdown_timeout: float = 8.0
 
     def __post_init__(self) -> None:
         if self.crs_mode not in CRS_MODES:
@@ -60,4 +61,5 @@ class LiveSettings:
             crs_mode=environ.get("RUCHER_HA_CRS_MODE", "") or "basic",
             shutdown_policy=environ.get("RUCHER_HA_SHUTDOWN_POLICY", "") or "conditional",
             rebalance_on_start=environ.get("RUCHER_HA_REBALANCE_ON_START", "") in ("1", "true"),
+            shutdown_timeout=env_number(environ, "RUCHER_HA_SHUTDOWN_TIMEOUT", 8.0, 0.0),
         )
