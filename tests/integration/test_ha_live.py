@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -56,6 +57,7 @@ class World:
     running: dict[int, set[str]] = field(default_factory=dict)
     double_runs: list[tuple[int, str, set[str]]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    migrated: list[tuple[int, str]] = field(default_factory=list)
 
 
 class StandInAgent:
@@ -75,6 +77,8 @@ class StandInAgent:
         await self.bus.serve(compute.GUEST_STATUS, self.status, node=self.node)
         await self.bus.serve(compute.GUEST_START, self.start, node=self.node)
         await self.bus.serve(compute.GUEST_STOP, self.stop, node=self.node)
+        await self.bus.serve(compute.GUEST_SHUTDOWN, self.shutdown, node=self.node)
+        await self.bus.serve(compute.GUEST_MIGRATE, self.migrate, node=self.node)
 
     async def _owned(self, vmid: int) -> None:
         if not self.alive:
@@ -128,6 +132,22 @@ class StandInAgent:
         self.world.running.get(command.vmid, set()).discard(self.node)
         return await self._done("qmstop", command.vmid)
 
+    async def shutdown(self, command: compute.VmShutdown, _: object) -> TaskAccepted:
+        await self._owned(command.vmid)
+        self.world.running.get(command.vmid, set()).discard(self.node)
+        return await self._done("qmshutdown", command.vmid)
+
+    async def migrate(self, command: compute.VmMigrate, _: object) -> TaskAccepted:
+        """A live migration: the target owns and runs the guest, this node no longer does."""
+        await self._owned(command.vmid)
+        await self.registry.transfer(command.vmid, from_node=self.node, to_node=command.target)
+        nodes = self.world.running.setdefault(command.vmid, set())
+        if command.online and self.node in nodes:
+            nodes.discard(self.node)
+            nodes.add(command.target)
+        self.world.migrated.append((command.vmid, command.target))
+        return await self._done("qmigrate", command.vmid)
+
 
 @dataclass
 class LiveNode:
@@ -153,9 +173,20 @@ class LiveNode:
         for nodes in world.running.values():
             nodes.discard(self.name)
 
+    async def go_down(self, *, reboot: bool) -> bool:
+        """A clean node shutdown (SIGTERM): the shutdown policy, then the lease given back."""
+        applied = await self.service.shut_down(reboot=reboot, timeout=TTL * 4)
+        await self.service.stop()
+        await self.cache.stop()
+        await self.lease.release()
+        self.agent.alive = False
+        return applied
+
 
 @contextlib.asynccontextmanager
-async def live_node(url: str, name: str, world: World) -> AsyncIterator[LiveNode]:
+async def live_node(
+    url: str, name: str, world: World, settings: LiveSettings = SETTINGS
+) -> AsyncIterator[LiveNode]:
     """Start one node's HA parts."""
     async with (
         connected(url, node=name, service="ha") as bus,
@@ -174,7 +205,7 @@ async def live_node(url: str, name: str, world: World) -> AsyncIterator[LiveNode
             return node.epoch() if node is not None else None
 
         actions = ClusterActions(bus, lease_ttl=TTL, epoch=epoch, task_timeout=10)
-        service = HaService(node=name, cache=cache, actions=actions, epoch=epoch, settings=SETTINGS)
+        service = HaService(node=name, cache=cache, actions=actions, epoch=epoch, settings=settings)
         node = LiveNode(name, bus, lease, cache, service, agent)
         await service.start()
         try:
@@ -388,3 +419,113 @@ async def test_with_a_fence_hook_a_node_is_fenced_once_its_lease_expired_and_the
         for _ in range(20):
             assert not await failing.fence("d2")
             await asyncio.sleep(0.05)
+
+
+async def _guests_on_n1_and_n2(
+    stack: contextlib.AsyncExitStack, url: str, world: World, policy: str
+) -> tuple[dict[str, LiveNode], list[int], list[int]]:
+    """Three nodes under ``policy``, four HA guests started on n1 and n2; those on n1."""
+    settings = dataclasses.replace(SETTINGS, shutdown_policy=policy)
+    nodes = {
+        name: await stack.enter_async_context(live_node(url, name, world, settings))
+        for name in NODES
+    }
+    bus = nodes["n3"].bus
+    base = 800_000 + secrets.randbelow(90_000)
+    vmids = [base + i for i in range(4)]
+    for index, vmid in enumerate(vmids):
+        await GuestRegistry(bus).register(
+            guest_type=GuestType.QEMU,
+            node=NODES[index % 2],
+            config={"memory": "128"},
+            vmid=vmid,
+            lock=None,
+        )
+    await HaConfigStore(bus).change_resources(
+        lambda _: HaResources(resources={f"vm:{v}": HaResource(sid=f"vm:{v}") for v in vmids})
+    )
+    await until(
+        lambda: all(len(world.running.get(v, set())) == 1 for v in vmids), timeout=30, every=0.1
+    )
+    return nodes, vmids, [v for v in vmids if world.running[v] == {"n1"}]
+
+
+@pytest.mark.parametrize(("policy", "reboot"), [("freeze", False), ("conditional", True)])
+async def test_a_node_going_down_under_freeze_stops_and_freezes_its_guests(
+    nats_server, policy, reboot
+):
+    world = World()
+    async with contextlib.AsyncExitStack() as stack:
+        nodes, vmids, on_n1 = await _guests_on_n1_and_n2(stack, nats_server.url, world, policy)
+        assert len(on_n1) == 2
+        assert await nodes["n1"].go_down(reboot=reboot)
+        store = HaConfigStore(nodes["n3"].bus)
+
+        async def frozen() -> bool:
+            status = await store.manager_status()
+            return status is not None and all(
+                status.service_status[f"vm:{v}"].state is ServiceState.FREEZE
+                and status.service_status[f"vm:{v}"].node == "n1"
+                for v in on_n1
+            )
+
+        await until(frozen, timeout=10, every=0.1)
+        # Well past the lease's TTL: frozen guests are never recovered elsewhere.
+        await asyncio.sleep(TTL * 2)
+        assert await frozen()
+        for vmid in on_n1:
+            assert world.running.get(vmid, set()) == set()
+            assert (await GuestRegistry(nodes["n3"].bus).get(vmid)).node == "n1"
+        others = [v for v in vmids if v not in on_n1]
+        assert all(world.running[v] == {"n2"} for v in others)
+        assert world.double_runs == [] and world.refused == []
+
+
+@pytest.mark.parametrize(("policy", "reboot"), [("failover", False), ("conditional", False)])
+async def test_a_node_going_down_under_failover_has_its_guests_recovered_elsewhere_once(
+    nats_server, policy, reboot
+):
+    world = World()
+    async with contextlib.AsyncExitStack() as stack:
+        nodes, _, on_n1 = await _guests_on_n1_and_n2(stack, nats_server.url, world, policy)
+        assert len(on_n1) == 2
+        assert await nodes["n1"].go_down(reboot=reboot)
+        assert all(world.running[v] == set() for v in on_n1), "stopped before the lease went"
+
+        def recovered() -> bool:
+            return all(world.running.get(v, set()) & {"n2", "n3"} for v in on_n1)
+
+        took = await until(recovered, timeout=TTL * 5, every=0.05)
+        # The lease was given back cleanly: no waiting for it to run out.
+        assert took < TTL / 2
+        assert world.double_runs == []
+        registry = GuestRegistry(nodes["n3"].bus)
+        for vmid in on_n1:
+            record = await registry.get(vmid)
+            assert record.node in ("n2", "n3") and world.running[vmid] == {record.node}
+
+
+async def test_a_node_going_down_under_migrate_moves_its_guests_away_live(nats_server):
+    world = World()
+    async with contextlib.AsyncExitStack() as stack:
+        nodes, vmids, on_n1 = await _guests_on_n1_and_n2(stack, nats_server.url, world, "migrate")
+        assert len(on_n1) == 2
+        assert await nodes["n1"].go_down(reboot=False)
+        # Moved while running, before the lease went: never stopped, never recovered.
+        assert sorted(v for v, _ in world.migrated) == sorted(on_n1)
+        registry = GuestRegistry(nodes["n3"].bus)
+        for vmid in on_n1:
+            record = await registry.get(vmid)
+            assert record.node in ("n2", "n3") and world.running[vmid] == {record.node}
+        assert world.double_runs == []
+        store = HaConfigStore(nodes["n3"].bus)
+
+        async def started_elsewhere() -> bool:
+            status = await store.manager_status()
+            return status is not None and all(
+                status.service_status[f"vm:{v}"].state is ServiceState.STARTED
+                and status.service_status[f"vm:{v}"].node != "n1"
+                for v in vmids
+            )
+
+        await until(started_elsewhere, timeout=10, every=0.1)

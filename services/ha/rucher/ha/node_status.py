@@ -21,6 +21,7 @@ class NodeStatus:
         self.env = env
         self.status = status
         self.last_online: dict[str, float] = {}
+        self.members_online: set[str] = set()
         self.fence_delay = FENCE_DELAY
 
     def get_node_state(self, node: str) -> str:
@@ -42,7 +43,8 @@ class NodeStatus:
         """
         if delay is None:
             delay = self.fence_delay
-        if self.get_node_state(node) == "online":
+        if self.get_node_state(node) == "online" or node in self.members_online:
+            # A member online (in maintenance, say) is never offline, even with no fence delay.
             return False
         now = self.env.now()
         last = self.last_online.get(node)
@@ -69,6 +71,7 @@ class NodeStatus:
     def update(self, node_info: dict[str, bool], lrm_modes: dict[str, str]) -> None:  # noqa: PLR0912
         """Apply the current membership and the nodes' LRM modes to the node states."""
         now = self.env.now()
+        self.members_online = {node for node, online in node_info.items() if online}
         for node in sorted(node_info):
             if not node_info[node]:
                 continue
