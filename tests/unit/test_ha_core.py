@@ -82,6 +82,20 @@ def test_maintenance_follows_the_lrm_mode():
     assert status.get_node_state("n1") == "online"
 
 
+def test_a_member_in_maintenance_is_never_offline_even_without_fence_delay():
+    env = Clock()
+    status = NodeStatus(env, {"n1": "online"})  # type: ignore[arg-type]
+    status.fence_delay = 0.0
+    status.update({"n1": True}, {"n1": "maintenance"})
+    env.time = 5
+    status.update({"n1": True}, {"n1": "maintenance"})
+    assert status.get_node_state("n1") == "maintenance"
+    assert not status.node_is_offline_delayed("n1")
+    env.time = 6
+    status.update({"n1": False}, {"n1": "maintenance"})  # gone while in maintenance
+    assert status.node_is_offline_delayed("n1")
+
+
 def test_groups_become_node_affinity_rules_with_priorities():
     config = RulesConfig(groups={"g": Group(name="g", nodes={"n1": 2, "n2": 0}, restricted=True)})
     services = {"vm:100": ServiceConfig(sid="vm:100", node="n1", group="g")}

@@ -17,6 +17,7 @@ from rucher.ha.live.records import (
 )
 from rucher.ha.live.settings import LiveSettings
 from rucher.ha.model import DisarmState, LrmResult, LrmStatus, ManagerState, ServiceData
+from rucher.ha.service import REBOOT_FLAG, reboot_requested
 from rucher.proto.guest import GuestRecord, GuestType
 from rucher.proto.ha import (
     Affinity,
@@ -177,3 +178,14 @@ def test_live_settings_name_the_variable_at_fault():
         LiveSettings.from_env({"RUCHER_HA_SHUTDOWN_POLICY": "panic"})
     with pytest.raises(SettingsError, match="RUCHER_HA_FENCE_DELAY"):
         LiveSettings.from_env({"RUCHER_HA_FENCE_DELAY": "-1"})
+    assert LiveSettings.from_env({}).shutdown_timeout == 8.0
+    assert LiveSettings.from_env({"RUCHER_HA_SHUTDOWN_TIMEOUT": "30"}).shutdown_timeout == 30.0
+    with pytest.raises(SettingsError, match="RUCHER_HA_SHUTDOWN_TIMEOUT"):
+        LiveSettings.from_env({"RUCHER_HA_SHUTDOWN_TIMEOUT": "-1"})
+
+
+def test_a_reboot_flag_counts_once_and_its_absence_means_shutdown(tmp_path):
+    assert not reboot_requested(tmp_path)
+    (tmp_path / REBOOT_FLAG).write_text("")
+    assert reboot_requested(tmp_path)
+    assert not reboot_requested(tmp_path)
