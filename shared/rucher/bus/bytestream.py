@@ -165,6 +165,10 @@ class ByteStream:
         frame = ByteFrame(seq=self._seq, data=data, ack=ack, close=close)
         try:
             await self.nc.publish(self.outgoing, encode(frame))
+            # nats-py writes a publish only when its flusher is kicked, and a publish made while
+            # a kick is already queued can sit in the buffer until the next one: a console
+            # frame (the first ping included) must leave now, so wait until the server has it.
+            await self.nc.flush()
         except nats.errors.Error as err:
             raise RucherError(ErrorCode.UNAVAILABLE, f"console frame not sent: {err}") from err
 
