@@ -13,8 +13,9 @@ from rucher.bus import RucherError
 from rucher.compute.disks import CloneOptions
 from rucher.compute.domain_xml import HostFacts, domain_name
 from rucher.compute.drivers.fake import FakeHypervisor
+from rucher.compute.ports import TaskBody
 from rucher.compute.reconcile import reconcile
-from rucher.compute.service import ComputeService, TaskBody
+from rucher.compute.service import ComputeService
 from rucher.guests import config_digest
 from rucher.proto import compute
 from rucher.proto.common import PowerState

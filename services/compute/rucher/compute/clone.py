@@ -21,7 +21,8 @@ from rucher.proto.storage import DiskFormat
 from rucher.proto.task import TaskAccepted
 
 if TYPE_CHECKING:
-    from rucher.compute.service import ComputeService, TaskLog
+    from rucher.compute.ports import TaskLog
+    from rucher.compute.service import ComputeService
 
 Undo = list[Callable[[], Awaitable[object]]]
 # Keys a clone does not inherit: it is no template, has no snapshots, and gets its own identity.

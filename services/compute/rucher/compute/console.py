@@ -18,7 +18,7 @@ import structlog
 from rucher.bus import RucherError
 from rucher.bus.bytestream import StreamClosedError
 from rucher.compute.domain_xml import domain_name
-from rucher.compute.service import GuestStore, TaskLog, TaskSubmitter
+from rucher.compute.ports import GuestStore, TaskLog, TaskSubmitter
 from rucher.proto import compute
 from rucher.proto.common import PowerState
 from rucher.proto.errors import ErrorCode

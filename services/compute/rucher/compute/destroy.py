@@ -18,7 +18,8 @@ from rucher.proto.errors import ErrorCode
 from rucher.proto.guest import GuestRecord
 
 if TYPE_CHECKING:
-    from rucher.compute.service import ComputeService, TaskLog
+    from rucher.compute.ports import TaskLog
+    from rucher.compute.service import ComputeService
 
 log = structlog.get_logger("rucher.compute")
 

@@ -32,7 +32,8 @@ from rucher.proto.keys import make_key
 from rucher.proto.streams import GPU_LEASES
 
 if TYPE_CHECKING:
-    from rucher.compute.service import ComputeService, TaskLog
+    from rucher.compute.ports import TaskLog
+    from rucher.compute.service import ComputeService
 
 log = structlog.get_logger("rucher.compute.gpu")
 

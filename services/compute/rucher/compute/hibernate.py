@@ -24,7 +24,8 @@ from rucher.proto.storage import DiskFormat, VolumeMapping
 from rucher.proto.task import TaskAccepted
 
 if TYPE_CHECKING:
-    from rucher.compute.service import ComputeService, TaskLog
+    from rucher.compute.ports import TaskLog
+    from rucher.compute.service import ComputeService
 
 STATE_KEY = "vmstate"
 DEFAULT_STORAGE = "local"

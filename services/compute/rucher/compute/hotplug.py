@@ -22,7 +22,8 @@ from rucher.compute.domain_xml import NET_KEY, domain_name
 from rucher.proto.guest import GuestRecord
 
 if TYPE_CHECKING:
-    from rucher.compute.service import ComputeService, TaskLog
+    from rucher.compute.ports import TaskLog
+    from rucher.compute.service import ComputeService
 
 DEFAULT = "network,disk,usb"
 # Disk buses QEMU hot-plugs (IDE and SATA drives cannot be added to a running machine).

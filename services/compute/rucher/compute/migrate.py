@@ -25,7 +25,8 @@ from rucher.bus.client import new_id
 from rucher.compute import admission, disks
 from rucher.compute.domain_xml import DISK_KEY, domain_name
 from rucher.compute.drivers.interface import MigrationTarget
-from rucher.compute.service import ComputeService, TaskLog
+from rucher.compute.ports import TaskLog
+from rucher.compute.service import ComputeService
 from rucher.proto import compute
 from rucher.proto.common import Done, PowerState
 from rucher.proto.errors import ErrorCode

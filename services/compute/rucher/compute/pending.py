@@ -26,7 +26,8 @@ from rucher.proto.guest import GuestRecord
 from rucher.proto.task import TaskAccepted
 
 if TYPE_CHECKING:
-    from rucher.compute.service import ComputeService, TaskLog
+    from rucher.compute.ports import TaskLog
+    from rucher.compute.service import ComputeService
 
 # What a running guest takes at once (Proxmox's "fast plug" options).
 FAST_PLUG = frozenset(

@@ -26,7 +26,8 @@ from rucher.proto.storage import DiskFormat, VolumeProtocol
 from rucher.proto.task import TaskAccepted
 
 if TYPE_CHECKING:
-    from rucher.compute.service import ComputeService, TaskLog
+    from rucher.compute.ports import TaskLog
+    from rucher.compute.service import ComputeService
 
 log = structlog.get_logger("rucher.compute")
 
