@@ -22,18 +22,49 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 import structlog
 
 from rucher.bus import KV, Bus, Operation, RucherError
+from rucher.bus.provision import provision
 from rucher.proto.errors import ErrorCode
 from rucher.proto.keys import make_key
 from rucher.proto.node import LeaseRecord
-from rucher.proto.streams import LEASES, BucketDef
+from rucher.proto.streams import LEASES, BucketDef, node_lease_bucket
 
 log = structlog.get_logger("rucher.leases")
 
 Callback = Callable[[], Coroutine[Any, Any, None]]
 RETRY_INTERVAL = 0.25
+NODE_LEASE_PREFIX = "ha-node:"
+
+
+def node_lease_name(node: str) -> str:
+    """The name of ``node``'s HA lease (the only key of the node's own lease bucket)."""
+    return f"{NODE_LEASE_PREFIX}{node}"
+
+
+def node_lease_key(node: str) -> str:
+    """The key of ``node``'s HA lease."""
+    return make_key(node_lease_name(node))
+
+
+def lease_bucket(name: str) -> BucketDef:
+    """The bucket the lease ``name`` lives in: a node's HA lease in the node's own bucket."""
+    if name.startswith(NODE_LEASE_PREFIX):
+        return node_lease_bucket(name[len(NODE_LEASE_PREFIX) :])
+    return LEASES
+
+
+async def ensure_node_lease_bucket(bus: Bus, node: str) -> BucketDef:
+    """Create ``node``'s lease bucket if it does not exist yet; returns its definition."""
+    bucket = node_lease_bucket(node)
+    try:
+        await provision(bus, streams=(), buckets=(bucket,), object_stores=())
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as err:
+        raise RucherError(ErrorCode.UNAVAILABLE, f"bucket {bucket.name}: {err}") from err
+    return bucket
 
 
 class Lease:
@@ -70,7 +101,8 @@ class Lease:
 
     @classmethod
     def named(cls, bus: Bus, name: str, **options: object) -> Lease:
-        """A lease on a single identifier (encoded into one key token)."""
+        """A lease on a single identifier (encoded into one key token), in its own bucket."""
+        options.setdefault("bucket", lease_bucket(name))
         return cls(bus, make_key(name), **options)  # type: ignore[arg-type]
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rucher.bus.client import new_id
-from rucher.leases import Lease
+from rucher.leases import Lease, ensure_node_lease_bucket, node_lease_name
 from rucher.proto import compute
 from rucher.proto.common import PowerState
 from rucher.proto.task import TaskStatus
@@ -35,7 +35,8 @@ async def test_a_stale_epoch_fails_the_start_and_the_current_one_starts(nats_ser
             )
             assert (await task_end(bus, accepted.upid)).exitstatus == "OK"
 
-            lease_name = f"ha-node:{NODE}"
+            await ensure_node_lease_bucket(bus, NODE)
+            lease_name = node_lease_name(NODE)
             old = Lease.named(bus, lease_name, holder="incarnation-1", ttl=5.0)
             stale = await old.acquire(timeout=10)
             await old.release()

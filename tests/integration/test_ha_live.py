@@ -28,9 +28,14 @@ from rucher.ha.live.actions import ClusterActions
 from rucher.ha.live.cache import ClusterCache, node_holder
 from rucher.ha.live.settings import LiveSettings
 from rucher.ha.service import HaService
-from rucher.ha.watchdog import node_lease_name
 from rucher.haconfig import HaConfigStore
-from rucher.leases import Lease, check_token
+from rucher.leases import (
+    Lease,
+    check_token,
+    ensure_node_lease_bucket,
+    lease_bucket,
+    node_lease_name,
+)
 from rucher.proto import compute
 from rucher.proto.cluster import CpuArch, NodeCapacity
 from rucher.proto.common import PowerState
@@ -117,7 +122,12 @@ class StandInAgent:
         assert command.fence_lease == node_lease_name(self.node)
         assert command.fence_epoch is not None
         try:
-            await check_token(self.bus, make_key(command.fence_lease), command.fence_epoch)
+            await check_token(
+                self.bus,
+                make_key(command.fence_lease),
+                command.fence_epoch,
+                lease_bucket(command.fence_lease),
+            )
         except RucherError:
             self.world.refused.append(f"{self.node}:{command.vmid}")
             raise
@@ -194,6 +204,7 @@ async def live_node(
     ):
         agent = StandInAgent(agent_bus, world)
         await agent.serve()
+        await ensure_node_lease_bucket(bus, name)
         lease = Lease.named(bus, node_lease_name(name), holder=node_holder(name), ttl=TTL)
         assert await lease.try_acquire()
         lease.keep(every=0.3)
@@ -394,6 +405,8 @@ async def test_with_a_fence_hook_a_node_is_fenced_once_its_lease_expired_and_the
     marker = tmp_path / "powered-off-d1"
     async with connected(nats_server.url, node="m1", service="ha") as bus:
         # The dead node still holds its lease: no fence, and the hook is not even tried.
+        for node in ("d1", "d2"):
+            await ensure_node_lease_bucket(bus, node)
         held = Lease.named(bus, node_lease_name("d1"), holder=node_holder("d1"), ttl=2.0)
         assert await held.try_acquire()
         hook = FenceHookSettings(command=("touch", str(tmp_path / "powered-off-{node}")), timeout=5)

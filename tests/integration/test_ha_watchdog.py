@@ -13,11 +13,11 @@ import pytest
 
 from rucher.ha.config import WatchdogSettings
 from rucher.ha.lease import start_node_watchdog
-from rucher.ha.watchdog import WatchdogState, node_lease_name
+from rucher.ha.watchdog import WatchdogState
 from rucher.haconfig import HaConfigStore
-from rucher.leases import current
+from rucher.leases import current, node_lease_key
 from rucher.proto.ha import HaResource, HaResources
-from rucher.proto.keys import make_key
+from rucher.proto.streams import node_lease_bucket
 
 from .buses import connected, until
 
@@ -53,7 +53,7 @@ async def test_the_watchdog_kills_ha_guests_before_its_lease_can_expire(nats_ser
             await store.change_resources(
                 lambda _: HaResources(resources={sid: HaResource(sid=sid)})
             )
-            watchdog, guests = await start_node_watchdog(
+            watchdog, guests, leader = await start_node_watchdog(
                 bus, SETTINGS, holder="wn1-test", state_dir=tmp_path
             )
 
@@ -65,7 +65,7 @@ async def test_the_watchdog_kills_ha_guests_before_its_lease_can_expire(nats_ser
             # An HA guest left running from before the lease was held is killed at start.
             assert await asyncio.to_thread(leftover.wait, 5) == -9
             ha_guest = fake_qemu(ha_vmid)
-            record = await current(bus, make_key(node_lease_name("wn1")))
+            record = await current(bus, node_lease_key("wn1"), node_lease_bucket("wn1"))
             assert record is not None and record.token == watchdog.epoch
 
             await asyncio.sleep(SETTINGS.lease_ttl)
@@ -83,6 +83,7 @@ async def test_the_watchdog_kills_ha_guests_before_its_lease_can_expire(nats_ser
             assert other_guest.poll() is None, "only HA guests are killed"
             assert (tmp_path / "ha-guests.json").read_text() == f"[{ha_vmid}]"
             await guests.stop()
+            await leader.stop()
             await watchdog.stop()
     finally:
         for process in (leftover, ha_guest, other_guest):

@@ -18,7 +18,7 @@ from rucher.proto import catalog, generate
 from rucher.proto.base import Command, Event, Kind, Reply, RpcSubject, Scope, Subject
 from rucher.proto.common import Query
 from rucher.proto.errors import ErrorReply
-from rucher.proto.streams import BUCKETS, STREAMS
+from rucher.proto.streams import BUCKET_FAMILIES, BUCKETS, STREAMS
 
 REGENERATE = "python -m rucher.proto.generate"
 
@@ -301,7 +301,7 @@ def test_streams_store_commands_events_and_logs_but_never_requests() -> None:
 
 
 def test_every_bucket_value_is_a_record() -> None:
-    assert set(catalog.BUCKET_VALUES) <= {bucket.name for bucket in BUCKETS}
+    assert set(catalog.BUCKET_VALUES) <= {bucket.name for bucket in (*BUCKETS, *BUCKET_FAMILIES)}
     assert set(catalog.BUCKET_VALUES.values()) <= set(catalog.RECORDS)
 
 
@@ -409,8 +409,9 @@ def test_asyncapi_streams_and_buckets(asyncapi: dict[str, Any]) -> None:
         assert entry["subjects"] == list(definition.subjects)
         assert entry["retention"] == definition.retention.value
     buckets = asyncapi["x-rucher-buckets"]
-    assert [bucket["name"] for bucket in buckets] == [bucket.name for bucket in BUCKETS]
-    for entry, bucket in zip(buckets, BUCKETS, strict=True):
+    documented = (*BUCKETS, *BUCKET_FAMILIES)
+    assert [bucket["name"] for bucket in buckets] == [bucket.name for bucket in documented]
+    for entry, bucket in zip(buckets, documented, strict=True):
         fields = {field.name for field in dataclasses.fields(bucket)}
         assert fields <= set(entry) <= fields | {"value"}
         assert entry["history"] == bucket.history

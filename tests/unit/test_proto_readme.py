@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rucher.proto.errors import HTTP_STATUS, RETRYABLE, ErrorCode
-from rucher.proto.streams import BUCKETS, OBJECT_STORES, STREAMS
+from rucher.proto.streams import BUCKET_FAMILIES, BUCKETS, OBJECT_STORES, STREAMS
 
 README = (Path(__file__).resolve().parents[2] / "proto" / "README.md").read_text()
 
@@ -22,7 +22,9 @@ def _rows() -> dict[str, list[str]]:
     return rows
 
 
-@pytest.mark.parametrize("name", [s.name for s in STREAMS] + [b.name for b in BUCKETS])
+@pytest.mark.parametrize(
+    "name", [s.name for s in STREAMS] + [b.name for b in (*BUCKETS, *BUCKET_FAMILIES)]
+)
 def test_every_stream_and_bucket_is_documented(name):
     assert name in _rows()
 

@@ -63,6 +63,7 @@ BUCKET_VALUES: dict[str, type[msgspec.Struct]] = {
     "tasks": task.TaskState,
     "guests": guest.GuestRecord,
     "leases": node.LeaseRecord,
+    "ha-node-{node}": node.LeaseRecord,
     "services": node.LeaseRecord,
     "idempotency": bus.AppliedCommand,
     "allocations": scheduler.NodeAllocations,

@@ -27,7 +27,7 @@ from rucher.proto import catalog
 from rucher.proto.base import Command, Event, Kind, Reply, RpcSubject, Subject
 from rucher.proto.common import Query
 from rucher.proto.errors import ErrorReply
-from rucher.proto.streams import BUCKETS, OBJECT_STORES, STREAMS, StreamDef
+from rucher.proto.streams import BUCKET_FAMILIES, BUCKETS, OBJECT_STORES, STREAMS, StreamDef
 
 PROTO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = "schemas"
@@ -311,7 +311,7 @@ def asyncapi_document() -> dict[str, Any]:
     parameters = {name: {"description": PARAMETERS[name]} for name in [*parameter_names, "inbox"]}
 
     buckets = []
-    for bucket in BUCKETS:
+    for bucket in (*BUCKETS, *BUCKET_FAMILIES):
         entry = _plain(dataclasses.asdict(bucket))
         value = catalog.BUCKET_VALUES.get(bucket.name)
         if value is not None:

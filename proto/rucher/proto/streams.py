@@ -8,7 +8,8 @@ may write (the AsyncAPI document and proto/README.md are generated from it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 DAY = 86_400.0
@@ -140,6 +141,25 @@ LEASES = BucketDef(
     description="Named leases and leader elections: holder, fencing token, expiry.",
 )
 
+NODE_LEASES = BucketDef(
+    name="ha-node-{node}",
+    history=1,
+    max_age=0.0,
+    replicas=3,
+    per_key_ttl=True,
+    marker_ttl=60.0,
+    writers="the node's HA watchdog (its lease, by compare-and-set); the HA manager fencing it",
+    description="One bucket per node, holding only that node's HA lease; its Raft leader is kept "
+    "on the node's own NATS server, so losing another server never stalls the node's renewals.",
+)
+
+
+def node_lease_bucket(node: str) -> BucketDef:
+    """``node``'s own lease bucket (characters a bucket name cannot hold become ``_XX``)."""
+    safe = re.sub(r"[^A-Za-z0-9-]", lambda m: "".join(f"_{b:02x}" for b in m[0].encode()), node)
+    return replace(NODE_LEASES, name=NODE_LEASES.name.format(node=safe))
+
+
 SERVICES = BucketDef(
     name="services",
     history=1,
@@ -234,6 +254,9 @@ HA = BucketDef(
     "administrator's arm/disarm and maintenance wishes, queued migrate/relocate requests, and "
     "the manager's status.",
 )
+
+# Created per node by the node's HA service (``node_lease_bucket``), not at start.
+BUCKET_FAMILIES: tuple[BucketDef, ...] = (NODE_LEASES,)
 
 BUCKETS: tuple[BucketDef, ...] = (
     TASKS,

@@ -50,6 +50,9 @@ class Bus:
     def __init__(self, nc: Client, *, node: str, service: str, version: str) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
+        # Direct reads are answered by any replica in milliseconds; one sent to a server that
+        # cannot be reached (a route not yet known dead) is given up early and sent again.
+        self.js_read: JetStreamContext = nc.jetstream(timeout=DIRECT_READ_TIMEOUT)
         self.node = node
         self.service = service
         self.version = version
@@ -67,7 +70,11 @@ class Bus:
         version: str = "0.1.0",
         connect_timeout: float = 5.0,
     ) -> Bus:
-        """Connect to one URL or a cluster, reconnecting forever once connected."""
+        """Connect to one URL or a cluster, reconnecting forever once connected.
+
+        Servers are tried in the order given: a node's services list their own node's server
+        first, so they use it while it runs (the HA lease keeps its Raft leader there).
+        """
 
         async def on_error(err: Exception) -> None:
             log.warning("nats_error", error=repr(err))
@@ -85,6 +92,7 @@ class Bus:
             servers=servers if isinstance(servers, list) else servers.split(","),
             name=f"{service}@{node}",
             connect_timeout=connect_timeout,
+            dont_randomize=True,
             reconnect_time_wait=0.25,
             max_reconnect_attempts=-1,
             ping_interval=5,
@@ -94,6 +102,11 @@ class Bus:
             reconnected_cb=on_reconnect,
         )
         return cls(nc, node=node, service=service, version=version)
+
+    @property
+    def server_name(self) -> str:
+        """The name of the NATS server this connection is on now ("" when unknown)."""
+        return str(self.nc._server_info.get("server_name") or "")
 
     def cluster_size(self) -> int:
         """How many NATS servers the connected cluster advertises (1 for a lone server)."""
@@ -254,6 +267,7 @@ class Bus:
 # While a NATS node fails over, a stream has no leader for a few seconds (4-10 s measured here
 # after a SIGKILL of the leader's node): callers ride that out this long before they see an error.
 FAILOVER_PATIENCE = 20.0
+DIRECT_READ_TIMEOUT = 1.0
 # Nobody stored the message: sending it again cannot store it twice.
 _NOT_STORED = (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)
 # The outcome is unknown: only a message with a de-duplication id may be sent again.

@@ -76,7 +76,7 @@ class KV(Generic[T]):
 
     async def get(self, key: str) -> Entry[T] | None:
         """The current entry of ``key``, or ``None`` when absent, deleted or expired."""
-        msg = await read_stream(self.bus.js, self._stream, subject=self._prefix + key)
+        msg = await read_stream(self.bus.js_read, self._stream, subject=self._prefix + key)
         if msg is None:
             return None
         entry = self._entry(key, msg.data, msg.seq or 0, msg.headers, 0.0)
@@ -117,7 +117,7 @@ class KV(Generic[T]):
 
     async def _last_revision(self, key: str) -> int | None:
         """The revision of a delete/expiry marker holding ``key``, or None if it holds a value."""
-        msg = await read_stream(self.bus.js, self._stream, subject=self._prefix + key)
+        msg = await read_stream(self.bus.js_read, self._stream, subject=self._prefix + key)
         if msg is None:
             return 0
         entry = self._entry(key, msg.data, msg.seq or 0, msg.headers, 0.0)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
+import nats.errors
 import nats.js.errors
 import structlog
 from nats.js import api
 
 from rucher.bus.client import Bus
+from rucher.bus.errors import RucherError
+from rucher.proto.errors import ErrorCode
 from rucher.proto.streams import (
     BUCKETS,
     OBJECT_STORES,
@@ -23,6 +27,12 @@ from rucher.proto.streams import (
 log = structlog.get_logger("rucher.bus.provision")
 
 LEADER_PATIENCE = 15.0
+CREATE_PATIENCE = 30.0
+_UNANSWERED = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+)
 # JetStream: "stream name already in use with a different configuration".
 _DIFFERENT_CONFIG = 10058
 
@@ -83,15 +93,31 @@ def object_store_config(definition: ObjectStoreDef, replicas: int) -> api.Stream
     )
 
 
-async def _ensure(bus: Bus, config: api.StreamConfig) -> None:
+async def _create_or_update(bus: Bus, config: api.StreamConfig) -> api.StreamInfo:
     try:
-        info = await bus.js.add_stream(config)
+        return await bus.js.add_stream(config)
     except nats.js.errors.BadRequestError as err:
         if err.err_code != _DIFFERENT_CONFIG:
             raise
-        # An older definition exists: bring it to the current one (fields JetStream can update).
-        info = await bus.js.update_stream(config)
-        log.info("stream_updated", stream=config.name)
+    # An older definition exists: bring it to the current one (fields JetStream can update).
+    info = await bus.js.update_stream(config)
+    log.info("stream_updated", stream=config.name)
+    return info
+
+
+async def _ensure(bus: Bus, config: api.StreamConfig) -> None:
+    # Creating is idempotent, so an unanswered request (the metadata leader busy or being
+    # elected, as on a loaded machine while every service of a node starts) is sent again.
+    deadline = time.monotonic() + CREATE_PATIENCE
+    while True:
+        try:
+            info = await _create_or_update(bus, config)
+            break
+        except _UNANSWERED as err:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("stream_create_retried", stream=config.name, error=repr(err))
+            await asyncio.sleep(0.25)
     # A new replicated stream takes a moment to elect its leader: until then writes find no
     # responder. Callers count on a provisioned stream being usable.
     deadline = time.monotonic() + LEADER_PATIENCE
@@ -122,3 +148,39 @@ async def provision(
     for store in object_stores:
         await _ensure(bus, object_store_config(store, min(store.replicas, size)))
     return size
+
+
+async def lead_here(bus: Bus, stream: str, *, timeout: float = 2.0) -> str:
+    """Move ``stream``'s Raft leader to the server this connection is on; returns the leader.
+
+    A stream whose leader is a node's own server stays writable from that node while any other
+    server is lost. The current leader is asked to step down in favour of this server (JetStream's
+    preferred placement); nothing is asked when it already leads here, when the stream has no
+    leader (an election runs) or when this server is not one of its current replicas.
+    """
+    here = bus.server_name
+    try:
+        info = await bus.js.stream_info(stream)
+        cluster = info.cluster
+        if cluster is None:
+            return here  # a lone server leads everything
+        if not here or not cluster.leader or cluster.leader == here:
+            return cluster.leader or ""
+        if not any(r.name == here and r.current for r in cluster.replicas or []):
+            return cluster.leader
+        request = {"placement": {"preferred": here}}
+        reply = await bus.nc.request(
+            f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}",
+            json.dumps(request).encode(),
+            timeout=timeout,
+        )
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as err:
+        raise RucherError(ErrorCode.UNAVAILABLE, f"{stream}: leader unknown: {err}") from err
+    answer = json.loads(reply.data)
+    if "error" in answer:
+        raise RucherError(
+            ErrorCode.UNAVAILABLE,
+            f"{stream}: leader not moved to {here}: {answer['error'].get('description', '')}",
+        )
+    log.info("stream_leader_moved", stream=stream, leader=here, was=cluster.leader)
+    return here

@@ -113,7 +113,7 @@ class TaskStore:
         seq = 0
         while len(lines) < start + limit:
             msg = await read_stream(
-                self.bus.js, TASKLOG.name, subject=subject, seq=seq + 1, next_=True
+                self.bus.js_read, TASKLOG.name, subject=subject, seq=seq + 1, next_=True
             )
             if msg is None:
                 break

@@ -19,12 +19,12 @@ from pathlib import Path
 from rucher.bus import Bus, RucherError
 from rucher.bus.client import new_id
 from rucher.haconfig import HaConfigStore
-from rucher.leases import current
+from rucher.leases import current, node_lease_key
 from rucher.proto import compute
 from rucher.proto import storage as s
 from rucher.proto.errors import ErrorCode
 from rucher.proto.ha import HaResource, HaResources
-from rucher.proto.keys import make_key
+from rucher.proto.streams import node_lease_bucket
 from rucher.proto.task import TaskStatus
 from rucher.tasks import TaskStore
 from rucher.testing.harness import Harness, Node
@@ -114,9 +114,12 @@ class HaCluster:
     async def wait_ha_lease(self, bus: Bus, node: str, timeout: float = 60.0) -> None:
         """Until ``node``'s HA service holds its node lease."""
         deadline = time.monotonic() + timeout
-        key = make_key(f"ha-node:{node}")
+        key, bucket = node_lease_key(node), node_lease_bucket(node)
         while True:
-            record = await current(bus, key)
+            try:
+                record = await current(bus, key, bucket)
+            except RucherError:
+                record = None  # the node's lease bucket is not made yet
             if record is not None and record.holder == f"{node}/ha" and record.token > 0:
                 return
             if time.monotonic() > deadline:

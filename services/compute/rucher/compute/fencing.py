@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from rucher.bus import Bus, RucherError
-from rucher.leases import check_token
+from rucher.leases import check_token, lease_bucket
 from rucher.proto import compute
 from rucher.proto.errors import ErrorCode
 from rucher.proto.keys import make_key
@@ -26,14 +26,14 @@ class FenceGuard(Protocol):
 
 
 class LeaseFence:
-    """The fence guard over the cluster's ``leases`` bucket (``rucher.leases.check_token``)."""
+    """The fence guard over the lease's bucket (``rucher.leases.check_token``)."""
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
 
     async def check(self, lease: str, epoch: int) -> None:
         """Raise ``stale_token`` unless lease ``lease`` holds ``epoch`` now."""
-        await check_token(self.bus, make_key(lease), epoch)
+        await check_token(self.bus, make_key(lease), epoch, lease_bucket(lease))
 
 
 async def require_current_epoch(guard: FenceGuard | None, command: compute.VmStart) -> None:

@@ -31,7 +31,7 @@ async def setup(context: ServiceContext) -> None:
     settings = HaNodeSettings.from_env(context.settings)
     live = LiveSettings.from_env()
     bus = context.bus
-    watchdog, guests = await start_node_watchdog(
+    watchdog, guests, leader = await start_node_watchdog(
         bus,
         settings.watchdog,
         holder=node_holder(bus.node),
@@ -40,6 +40,7 @@ async def setup(context: ServiceContext) -> None:
     # Stopped last: with HA guests still running here its guard kills them on the way out.
     context.on_stop(watchdog.stop)
     context.on_stop(guests.stop)
+    context.on_stop(leader.stop)
     cache = ClusterCache(bus)
     await cache.start()
     context.on_stop(cache.stop)

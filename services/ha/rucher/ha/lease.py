@@ -3,7 +3,8 @@
 :class:`HaGuestSet` follows the ``resources`` document of the ``ha`` bucket and keeps the VMIDs of
 the ``vm:`` resources in memory and in a state file, so the watchdog knows what to kill when the
 bus is gone, even right after a restart. :func:`start_node_watchdog` builds the
-:class:`~rucher.ha.watchdog.NodeWatchdog` for this node over ``rucher.leases``.
+:class:`~rucher.ha.watchdog.NodeWatchdog` for this node over ``rucher.leases``, with the lease's
+bucket led from this node's NATS server (:class:`LocalLeader`).
 """
 
 from __future__ import annotations
@@ -18,17 +19,20 @@ import structlog
 
 from rucher.bus import Bus, RucherError
 from rucher.bus.client import new_id
+from rucher.bus.provision import lead_here
 from rucher.ha.config import WatchdogSettings
 from rucher.ha.killer import kill_ha_guests
-from rucher.ha.watchdog import GuardLink, NodeWatchdog, node_lease_name
+from rucher.ha.watchdog import GuardLink, NodeWatchdog
 from rucher.haconfig import RESOURCES, HaConfigStore
-from rucher.leases import Lease
+from rucher.leases import Lease, ensure_node_lease_bucket, node_lease_name
 from rucher.proto.ha import NODE_SELF_FENCED, HaResources, SelfFenced
 
 log = structlog.get_logger("rucher.ha.lease")
 
 RESUBSCRIBE = 1.0
 EVENT_PATIENCE = 600.0
+LEADER_CHECK = 5.0
+FIRST_PLACEMENT = 5.0
 
 
 def vm_ids(resources: HaResources) -> frozenset[int]:
@@ -94,6 +98,53 @@ class HaGuestSet:
                 await self._task
 
 
+class LocalLeader:
+    """Keep the node lease bucket's Raft leader on this node's own NATS server.
+
+    A write needs the stream's leader. Led from here, the lease stays renewable while any other
+    server is lost, and this node alone stops renewing when its own server loses the cluster,
+    which is when it must. Led from elsewhere, losing that server would stall the renewals for
+    a Raft election (4-9 s) and fence a healthy node. Leadership may move on its own (an
+    election after a pause): it is checked every ``every`` seconds and moved back.
+    """
+
+    def __init__(self, bus: Bus, every: float = LEADER_CHECK) -> None:
+        self.bus = bus
+        self.every = every
+        self.stream = ""
+        self._task: asyncio.Task[None] | None = None
+
+    async def place(self) -> str:
+        """Create the bucket if needed and lead it from here; returns the leader's name."""
+        if not self.stream:
+            self.stream = f"KV_{(await ensure_node_lease_bucket(self.bus, self.bus.node)).name}"
+        return await lead_here(self.bus, self.stream)
+
+    async def start(self) -> None:
+        """Place the leader once (briefly), then keep it placed in the background."""
+        try:
+            async with asyncio.timeout(FIRST_PLACEMENT):
+                await self.place()
+        except (RucherError, TimeoutError) as err:
+            log.warning("ha_lease_leader_not_placed", error=str(err))
+        self._task = asyncio.create_task(self._keep(), name="ha-lease-leader")
+
+    async def _keep(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            try:
+                await self.place()
+            except RucherError as err:
+                log.warning("ha_lease_leader_not_placed", error=err.message)
+
+    async def stop(self) -> None:
+        """Stop keeping it."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
 async def publish_self_fenced(bus: Bus, vmids: list[int], token: int, deadline: float) -> None:
     """Say on the bus that this node killed its HA guests, once the bus answers again."""
     event = SelfFenced(
@@ -117,8 +168,10 @@ async def publish_self_fenced(bus: Bus, vmids: list[int], token: int, deadline: 
 
 async def start_node_watchdog(
     bus: Bus, settings: WatchdogSettings, *, holder: str, state_dir: Path
-) -> tuple[NodeWatchdog, HaGuestSet]:
-    """Follow the HA guest set, then hold this node's lease under the watchdog."""
+) -> tuple[NodeWatchdog, HaGuestSet, LocalLeader]:
+    """Follow the HA guest set, then hold this node's lease (led from here) under the watchdog."""
+    leader = LocalLeader(bus)
+    await leader.start()
     guests = HaGuestSet(bus, state_dir / "ha-guests.json")
     try:
         await guests.start()
@@ -139,4 +192,4 @@ async def start_node_watchdog(
         lease, guests, kill, settings, guard=GuardLink(settings), on_fenced=fenced
     )
     await watchdog.start()
-    return watchdog, guests
+    return watchdog, guests, leader

@@ -19,7 +19,7 @@ VERSION = metadata.version("rucher-ha")
 async def setup(context: ServiceContext) -> None:
     """Start the node lease and its watchdog; stop them with the process."""
     settings = HaNodeSettings.from_env(context.settings)
-    watchdog, guests = await start_node_watchdog(
+    watchdog, guests, leader = await start_node_watchdog(
         context.bus,
         settings.watchdog,
         holder=f"{context.settings.node}:{context.instance.instance}",
@@ -27,6 +27,7 @@ async def setup(context: ServiceContext) -> None:
     )
     context.on_stop(watchdog.stop)
     context.on_stop(guests.stop)
+    context.on_stop(leader.stop)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """The node's HA watchdog: hold the node lease, and kill the HA guests before it can expire.
 
-The node lease (``ha-node:{node}`` in the ``leases`` bucket) says "this node may run HA guests";
-its fencing token is the epoch every HA start on this node carries. The watchdog renews it every
-``renew_interval``. Every ``tick`` it compares the monotonic clock with the kill deadline, the
-time the last successful renewal was *sent* plus ``lease_ttl - kill_margin``: once past it, it
-kills the node's HA guests itself, through libvirt and then ``/proc`` (:mod:`rucher.ha.killer`),
-without the bus. A guard process (:mod:`rucher.ha.guard`) holds the same deadline and kills the
-guests if this process dies or hangs. Timing argument: ``services/ha/README.md``.
+The node lease (``ha-node:{node}``, in the node's own ``ha-node-{node}`` bucket) says "this node
+may run HA guests"; its fencing token is the epoch every HA start on this node carries. The
+watchdog renews it every ``renew_interval``. Every ``tick`` it compares the monotonic clock with
+the kill deadline, the time the last successful renewal was *sent* plus
+``lease_ttl - kill_margin``: once past it, it kills the node's HA guests itself, through libvirt
+and then ``/proc`` (:mod:`rucher.ha.killer`), without the bus. A guard process
+(:mod:`rucher.ha.guard`) holds the same deadline and kills the guests if this process dies or
+hangs. Timing argument: ``services/ha/README.md``.
 """
 
 from __future__ import annotations
@@ -40,11 +41,6 @@ async def ha_guests_present(vmids: frozenset[int]) -> bool:
     """Whether a QEMU process of one of ``vmids`` runs in this node's network namespace."""
     netns = qemuproc.own_netns()
     return bool(await asyncio.to_thread(local_ha_processes, vmids, netns))
-
-
-def node_lease_name(node: str) -> str:
-    """The name of ``node``'s HA lease (``Lease.named`` encodes it into one key token)."""
-    return f"ha-node:{node}"
 
 
 class NodeLease(Protocol):

@@ -19,7 +19,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 
-from rucher.bus import KV, Bus, RucherError
+from rucher.bus import KV, Bus, Entry, RucherError
 from rucher.bus.client import new_id
 from rucher.bus.codec import decode, encode
 from rucher.claims import BusEvents, KvClaimStore
@@ -29,9 +29,8 @@ from rucher.ha.fence import FenceResult, run_fence_hook
 from rucher.ha.live.cache import MANAGER_STATE, lrm_key
 from rucher.ha.live.claims import HaClaims
 from rucher.ha.live.records import public_status
-from rucher.ha.watchdog import node_lease_name
 from rucher.haconfig import HaConfigStore
-from rucher.leases import Lease
+from rucher.leases import Lease, node_lease_key, node_lease_name
 from rucher.proto import compute
 from rucher.proto.cluster import NodeCapacity
 from rucher.proto.common import PowerState
@@ -47,10 +46,9 @@ from rucher.proto.ha import (
     ManagerStatusPublished,
     RequestedState,
 )
-from rucher.proto.keys import make_key
 from rucher.proto.node import LeaseRecord
 from rucher.proto.scheduler import Claim
-from rucher.proto.streams import GUESTS, HA, LEASES
+from rucher.proto.streams import GUESTS, HA, node_lease_bucket
 from rucher.proto.task import TaskAccepted, TaskStatus
 from rucher.tasks import TaskStore
 
@@ -61,11 +59,6 @@ MANAGER_LEASE = "ha-manager"
 TASK_POLL = 0.1
 # A KV message with one of these headers records a removal, not a value.
 REMOVAL_HEADERS = frozenset({"KV-Operation", "Nats-Marker-Reason"})
-
-
-def lease_key(node: str) -> str:
-    """The ``leases`` key of ``node``'s HA lease."""
-    return make_key(node_lease_name(node))
 
 
 class ActionError(Exception):
@@ -96,7 +89,6 @@ class ClusterActions:
         self.registry = GuestRegistry(bus)
         self.tasks = TaskStore(bus)
         self.manager_kv: KV[HaManagerState] = KV(bus, HA, HaManagerState)
-        self.leases_kv: KV[LeaseRecord] = KV(bus, LEASES, LeaseRecord)
         self.lrm_kv: KV[HaLrmStatus] = KV(bus, HA, HaLrmStatus)
         self.manager_lease = Lease.named(bus, MANAGER_LEASE, holder=self.node, ttl=lease_ttl)
         self.fences: dict[str, Lease] = {}
@@ -192,8 +184,17 @@ class ClusterActions:
 
     async def node_leases(self, nodes: list[str]) -> dict[str, LeaseRecord | None]:
         """Each node's HA lease as stored now (direct reads, not a watch)."""
-        records = await asyncio.gather(*(self.leases_kv.get(lease_key(n)) for n in nodes))
+        records = await asyncio.gather(*(self._node_lease(node) for node in nodes))
         return {node: e.value if e else None for node, e in zip(nodes, records, strict=True)}
+
+    async def _node_lease(self, node: str) -> Entry[LeaseRecord] | None:
+        kv: KV[LeaseRecord] = KV(self.bus, node_lease_bucket(node), LeaseRecord)
+        try:
+            return await kv.get(node_lease_key(node))
+        except RucherError as err:
+            if err.code is not ErrorCode.NOT_FOUND:
+                raise
+            return None  # the node never made its lease bucket: it never held a lease
 
     async def guest_records(self, vmids: list[int]) -> dict[int, GuestRecord]:
         """The guests' registry documents as the stream's leader has them (absent ones left out).

@@ -1,8 +1,9 @@
 """What the HA service knows of the cluster store, followed by KV watches into memory.
 
 The manager and the LRMs read the ``ha`` bucket (configuration, the manager's state, every
-node's LRM status, queued requests), the ``leases`` bucket (which node holds its HA lease, and
-under which fencing token) and the ``guests`` bucket (which node owns each guest) every round;
+node's LRM status, queued requests), each member node's ``ha-node-{node}`` bucket (whether the
+node holds its HA lease, and under which fencing token), the ``leases`` bucket (the manager
+lease) and the ``guests`` bucket (which node owns each guest) every round;
 following them with watches makes each read a dictionary lookup and turns every change into a
 wake-up for the round that cares (an LRM result wakes the manager, a new manager state wakes the
 LRMs, an expired node lease wakes the manager at once).
@@ -23,8 +24,8 @@ import msgspec
 import structlog
 
 from rucher.bus import KV, Bus, Operation, RucherError
-from rucher.ha.watchdog import node_lease_name
 from rucher.haconfig import CONTROL, GROUPS, RESOURCES, RULES
+from rucher.leases import node_lease_key
 from rucher.proto.guest import GuestRecord
 from rucher.proto.ha import (
     CrmRequest,
@@ -37,7 +38,7 @@ from rucher.proto.ha import (
 )
 from rucher.proto.keys import decode_token, make_key
 from rucher.proto.node import LeaseRecord
-from rucher.proto.streams import GUESTS, HA, LEASES, BucketDef
+from rucher.proto.streams import GUESTS, HA, LEASES, BucketDef, node_lease_bucket
 
 log = structlog.get_logger("rucher.ha.live.cache")
 
@@ -45,7 +46,6 @@ T = TypeVar("T", bound=msgspec.Struct)
 MANAGER_STATE = "manager_state"
 LRM_PREFIX = "lrm"
 COMMAND_PREFIX = "command"
-NODE_LEASE_PREFIX = make_key(node_lease_name("x"))[: -len("x")]
 RESUBSCRIBE = 0.5
 
 
@@ -65,7 +65,7 @@ class Topic:
     CONFIG = "config"  # resources, rules, groups, control, requests, guests
     MANAGER = "manager"  # the manager's state
     LRM = "lrm"  # an LRM's status
-    LEASES = "leases"  # a node lease or the manager lease
+    LEASES = "leases"  # a node's lease or the manager lease
 
 
 @dataclass
@@ -132,12 +132,30 @@ class ClusterCache:
             self.leases_f,  # type: ignore[list-item]
             self.guests_f,  # type: ignore[list-item]
         ]
+        # One per member node, over the node's own lease bucket (members appear over time).
+        self.node_lease_fs: dict[str, Follower[LeaseRecord]] = {}
         self.listeners: list[Callable[[str, str], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
 
     def _changed(self, topic: str, key: str) -> None:
+        if topic in (Topic.LRM, Topic.MANAGER):
+            self._follow_members()
         for listener in self.listeners:
             listener(topic, key)
+
+    def _follow_members(self) -> None:
+        """Follow the lease of every node known as a member and not followed yet."""
+        members = self.lrm_nodes() | {self.bus.node}
+        state = self.manager_state()
+        if state is not None:
+            members |= set(state.node_status)
+        for node in sorted(members - set(self.node_lease_fs)):
+            bucket = node_lease_bucket(node)
+            follower = Follower(self.bus, bucket, LeaseRecord, ">", Topic.LEASES)
+            self.node_lease_fs[node] = follower
+            self._tasks.append(
+                asyncio.create_task(follower.run(self._changed), name=f"ha-follow-lease-{node}")
+            )
 
     async def start(self, timeout: float = 30.0) -> None:
         """Start following, and wait until every watch has caught up once."""
@@ -148,6 +166,7 @@ class ClusterCache:
         async with asyncio.timeout(timeout):
             for follower in self.followers:
                 await follower.ready.wait()
+        self._follow_members()
 
     async def stop(self) -> None:
         """Stop following."""
@@ -193,12 +212,12 @@ class ClusterCache:
         return {decode_token(key.split(".", 1)[1]) for key in list(self.lrm_f.values)}
 
     def node_leases(self) -> dict[str, LeaseRecord]:
-        """Each node's HA lease record as stored now, by node name."""
+        """Each followed node's HA lease record as stored now, by node name."""
         found: dict[str, LeaseRecord] = {}
-        for key, record in list(self.leases_f.values.items()):
-            if key.startswith(NODE_LEASE_PREFIX):
-                name = decode_token(key)
-                found[name.split(":", 1)[1]] = record
+        for node, follower in list(self.node_lease_fs.items()):
+            record = follower.values.get(node_lease_key(node))
+            if record is not None:
+                found[node] = record
         return found
 
     def online_nodes(self) -> dict[str, int]:
