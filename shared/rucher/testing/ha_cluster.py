@@ -123,7 +123,8 @@ class HaCluster:
             if record is not None and record.holder == f"{node}/ha" and record.token > 0:
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{node}: the HA service never held its lease")
+                tail = self.harness.node(node).processes["ha"].tail_log(12)
+                raise TimeoutError(f"{node}: the HA service never held its lease\n{tail}")
             await asyncio.sleep(0.2)
 
     async def create_guest(self, bus: Bus, vmid: int, node: str) -> None:
