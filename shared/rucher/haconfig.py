@@ -38,6 +38,9 @@ RULES = "rules"
 GROUPS = "groups"
 CONTROL = "control"
 MANAGER_STATUS = "manager_status"
+# In the HA service's state folder: the next stop is a reboot, not a shutdown (``ops/down
+# --reboot`` writes it); the service takes it at its stop, so it counts once.
+REBOOT_FLAG = "ha-reboot"
 MODIFIED = "detected modified configuration - file changed by other user? Try again."
 ATTEMPTS = 32
 BACKOFF = 0.005  # seconds per attempt lost, jittered, so many writers spread out

@@ -122,10 +122,18 @@ def test_ops_up_twice_then_down_then_purge(tmp_path, stopped_afterwards):
     assert (state / "logs" / "nats.log").exists()
     assert (state / "logs" / "supervisor.log").exists()
 
-    down = run([ROOT / "ops" / "down"], env)
+    down = run([ROOT / "ops" / "down", "--reboot"], env)
 
     assert down.returncode == 0, down.stderr
     assert "stopped" in down.stdout
+    # The HA service took the stop for a reboot, and the flag counted once.
+    going_down = [
+        json.loads(line)
+        for line in (state / "logs" / "ha.log").read_text().splitlines()
+        if '"ha_node_going_down"' in line
+    ]
+    assert [event["kind"] for event in going_down] == ["reboot"]
+    assert not (state / "data" / "ha" / "ha-reboot").exists()
     assert not is_same_process_alive(supervisor, None)
     assert not is_same_process_alive(nats, None)
     assert not healthy(env)

@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 
+from rucher.haconfig import REBOOT_FLAG
 from rucher.testing.nats import NatsServer
 from rucher.testing.process import ManagedProcess, is_same_process_alive, tail
 from rucher.testing.supervisor import Child, Supervisor
@@ -115,12 +116,16 @@ class StackSettings:
         """Where the gateway serves the Proxmox-compatible API."""
         return f"https://{self.gateway_host}:{self.gateway_port}/api2/json"
 
+    def service_state(self, service: str) -> Path:
+        """The state folder of one service."""
+        return self.state_dir / "data" / service
+
     def service_env(self, service: str) -> dict[str, str]:
         """The environment every service process gets (the gateway also its listen address)."""
         env = {
             "RUCHER_NATS_URL": self.nats_url,
             "RUCHER_NODE": self.node,
-            "RUCHER_STATE_DIR": str(self.state_dir / "data" / service),
+            "RUCHER_STATE_DIR": str(self.service_state(service)),
             "RUCHER_LOG_FORMAT": "json",
         }
         if service == GATEWAY_SERVICE:
@@ -357,8 +362,16 @@ def _stop(settings: StackSettings, timeout: float = 30.0, supervisor: int | None
     return supervisor is not None
 
 
-def down(settings: StackSettings, *, purge: bool = False) -> int:
-    """Stop the stack; with ``purge`` remove its state folder as well."""
+def down(settings: StackSettings, *, purge: bool = False, reboot: bool = False) -> int:
+    """Stop the stack; with ``purge`` remove its state folder as well.
+
+    With ``reboot`` the node is about to reboot: the HA service applies the shutdown policy's
+    reboot branch (``conditional`` freezes the HA guests instead of moving them away).
+    """
+    if reboot and running_supervisor(settings) is not None:
+        flag = settings.service_state("ha") / REBOOT_FLAG
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        flag.touch()
     if settings.state_dir.exists():
         with _locked(settings):
             stopped = _stop(settings)
@@ -394,12 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "status", "run"])
     parser.add_argument("--root", type=Path, default=CHECKOUT, help="the checkout")
     parser.add_argument("--purge", action="store_true", help="down: remove the state folder")
+    parser.add_argument("--reboot", action="store_true", help="down: the node reboots (HA)")
     args = parser.parse_args(argv)
     settings = StackSettings.from_env(args.root.resolve())
     if args.command == "up":
         return up(settings, float(os.environ.get("RUCHER_UP_TIMEOUT", UP_TIMEOUT)))
     if args.command == "down":
-        return down(settings, purge=args.purge)
+        return down(settings, purge=args.purge, reboot=args.reboot)
     if args.command == "status":
         return status(settings)
     return run(settings)

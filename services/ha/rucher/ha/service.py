@@ -23,12 +23,10 @@ from rucher.ha.live.env import Bridge, LiveEnv
 from rucher.ha.live.rounds import RoundLoop
 from rucher.ha.live.settings import LiveSettings
 from rucher.ha.lrm import Lrm
+from rucher.haconfig import REBOOT_FLAG
 from rucher.proto.cluster import NodeCapacity
 
 log = structlog.get_logger("rucher.ha.service")
-
-# Written by ops/ (or the administrator) before a reboot; absent, a stop is a node shutdown.
-REBOOT_FLAG = "ha-reboot"
 
 
 def reboot_requested(state_dir: Path) -> bool:
