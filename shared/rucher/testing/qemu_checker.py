@@ -165,9 +165,9 @@ class QemuChecker:
     ``nodes`` maps a network namespace inode to a node name; a process in any other namespace
     counts as running on ``netns:INODE`` (still a node of its own, so it can collide).
     ``guests`` keeps only the guests it accepts (default: all). With ``sampler="process"`` (the
-    default) a child process of its own (``python -m rucher.testing.qemu_checker``, niced up
-    where allowed) takes the samples and timestamps them, so a busy test process cannot delay
-    them; ``"thread"`` samples in a thread of this process.
+    default) a child process of its own (``python -m rucher.testing.qemu_checker``, at a
+    real-time priority where allowed) takes the samples and timestamps them, so a busy test
+    process cannot delay them; ``"thread"`` samples in a thread of this process.
     """
 
     def __init__(
@@ -297,8 +297,13 @@ class QemuChecker:
 
 def _serve(period: float, proc: Path) -> None:
     """The sampler child: one JSON line per sample on stdout until stdin closes."""
-    with contextlib.suppress(OSError):
-        os.nice(-10)  # root may: samples keep their pace on a busy machine
+    # Samples must keep their pace on a busy machine: a real-time priority where allowed (root;
+    # each sample is a short /proc scan, then a sleep, so it never holds a CPU), else a nicer one.
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except (OSError, AttributeError):
+        with contextlib.suppress(OSError):
+            os.nice(-10)
     stop = threading.Event()
 
     def watch_input() -> None:
