@@ -7,11 +7,12 @@ import json
 import time
 
 import msgspec
+import nats
 import pytest
 from nats.js import api
 
 from rucher.bus import Bus, RucherError
-from rucher.bus.client import new_id
+from rucher.bus.client import flush_in_order, new_id
 from rucher.bus.consumer import Delivery, consume
 from rucher.bus.provision import provision
 from rucher.proto.base import Command, Event, Kind, Reply, RpcSubject, Scope, Subject
@@ -256,3 +257,37 @@ async def test_bus_connects_to_a_cluster_and_reports_its_size(nats_cluster):
         assert bus.cluster_size() == 3
     finally:
         await bus.close()
+
+
+async def test_flush_in_order_writes_buffered_commands_before_its_ping(nats_server):
+    """nats-py's ``flush`` writes its PING straight to the socket, ahead of a subscription still
+    in its buffer (a message published right after could then miss it); ``flush_in_order``
+    writes the buffer first."""
+    nc = await nats.connect(nats_server.url)
+    written: list[bytes] = []
+    transport = nc._transport
+    write, writelines = transport.write, transport.writelines
+
+    def record(data: bytes) -> None:
+        written.append(bytes(data))
+        write(data)
+
+    def record_lines(lines: list[bytes]) -> None:
+        written.extend(bytes(line) for line in lines)
+        writelines(lines)
+
+    transport.write, transport.writelines = record, record_lines  # type: ignore[method-assign]
+    try:
+        for flush, name in ((nc.flush, "plain"), (lambda: flush_in_order(nc), "in order")):
+            written.clear()
+            await nc.subscribe(f"t.order.{name.replace(' ', '_')}")
+            await flush()
+            order = [b"SUB" if data.startswith(b"SUB") else data for data in written]
+            sub, ping = order.index(b"SUB"), order.index(b"PING\r\n")
+            if name == "plain":
+                assert ping < sub, "nats-py changed: its flush now keeps the order"
+            else:
+                assert sub < ping, order
+    finally:
+        transport.write, transport.writelines = write, writelines  # type: ignore[method-assign]
+        await nc.close()

@@ -18,6 +18,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from rucher.bus.client import flush_in_order
 from rucher.bus.codec import decode, encode
 from rucher.bus.errors import RucherError
 from rucher.proto.bus import ByteFrame
@@ -80,7 +81,7 @@ class ByteStream:
     async def open(self) -> None:
         """Subscribe to the incoming subject and start the heartbeat; call before the peer sends."""
         self._subscription = await self.nc.subscribe(self.incoming, cb=self._on_message)
-        await self.nc.flush()
+        await flush_in_order(self.nc)
         self._keeper = asyncio.create_task(self._keep(), name=f"bytestream-{self.incoming}")
 
     async def wait_first(self, timeout: float) -> None:
@@ -168,7 +169,7 @@ class ByteStream:
             # nats-py writes a publish only when its flusher is kicked, and a publish made while
             # a kick is already queued can sit in the buffer until the next one: a console
             # frame (the first ping included) must leave now, so wait until the server has it.
-            await self.nc.flush()
+            await flush_in_order(self.nc)
         except nats.errors.Error as err:
             raise RucherError(ErrorCode.UNAVAILABLE, f"console frame not sent: {err}") from err
 

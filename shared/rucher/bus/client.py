@@ -222,7 +222,7 @@ class Bus:
             )
         )
         # The server must know the subscription before anyone may count on it answering.
-        await self.nc.flush()
+        await flush_in_order(self.nc)
 
     async def micro_service(self) -> Service:
         """This process as a NATS micro service (created once): ``$SRV.PING|INFO|STATS``."""
@@ -325,6 +325,18 @@ async def read_stream(
             if time.monotonic() > deadline:
                 raise RucherError(ErrorCode.UNAVAILABLE, f"stream {stream} did not answer") from err
         await asyncio.sleep(0.1)
+
+
+async def flush_in_order(nc: Client) -> None:
+    """Return once the server has everything this connection sent so far, in order.
+
+    ``Client.flush()`` alone does not promise that: nats-py 2.16 writes its PING straight to the
+    socket, ahead of commands still in its buffer, so a subscription made just before could
+    reach the server after the PONG (seen: a peer's first message published in that gap was
+    lost). The buffer is written out first, then the PING makes the round trip.
+    """
+    await nc._flush_pending(force_flush=True)
+    await nc.flush()
 
 
 def new_id() -> str:
