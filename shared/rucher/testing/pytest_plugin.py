@@ -33,9 +33,31 @@ def pytest_runtest_makereport(
     return report
 
 
+_RERUN_FAILURES: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Keep why a test failed before a rerun (``pytest.mark.flaky``): the rerun may pass."""
+    if str(report.outcome) == "rerun":
+        parts = ["\n".join(report.longreprtext.splitlines()[-25:])]
+        for title, content in report.sections:
+            parts.append(f"--- {title}\n" + "\n".join(content.splitlines()[-15:]))
+        _RERUN_FAILURES.append(f"{report.nodeid} ({report.when})\n" + "\n".join(parts))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the failure behind every rerun, so a flaky test's cause is never lost."""
+    failures = _RERUN_FAILURES
+    if failures:
+        terminalreporter.section("failures that were rerun")
+        for failure in failures:
+            terminalreporter.write_line(failure)
+
+
 def _failed(request: pytest.FixtureRequest) -> bool:
     reports = request.node.stash.get(_REPORTS, {})
-    return any(report.failed for report in reports.values())
+    # A failure that pytest-rerunfailures will retry is reported as "rerun": logs are kept too.
+    return any(report.failed or str(report.outcome) == "rerun" for report in reports.values())
 
 
 def _attach_logs(request: pytest.FixtureRequest, title: str, logs: list[Path]) -> None:
