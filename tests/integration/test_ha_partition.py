@@ -17,7 +17,7 @@ from rucher.haconfig import HaConfigStore
 from rucher.leases import current, node_lease_key
 from rucher.proto.ha import HaResource, HaResources
 from rucher.proto.streams import node_lease_bucket
-from rucher.testing.harness import Node
+from rucher.testing.harness_node import Node
 from rucher.testing.qemu_checker import QemuChecker, boottime
 
 from .buses import connected, until

@@ -18,7 +18,8 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from rucher.testing.harness import NATS_CLIENT_PORT, Harness, Node
+from rucher.testing.harness import Harness
+from rucher.testing.harness_node import NATS_CLIENT_PORT, Node
 from rucher.testing.netns import links, namespaces, netns_pids
 
 pytestmark = pytest.mark.slow

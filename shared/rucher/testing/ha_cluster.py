@@ -27,7 +27,8 @@ from rucher.proto.ha import HaResource, HaResources
 from rucher.proto.streams import node_lease_bucket
 from rucher.proto.task import TaskStatus
 from rucher.tasks import TaskStore
-from rucher.testing.harness import Harness, Node
+from rucher.testing.harness import Harness
+from rucher.testing.harness_node import Node
 from rucher.testing.qemu_checker import QemuChecker, boottime, netns_inode
 
 USER = "root@pam"

@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from rucher.testing.harness import NATS_MONITOR_PORT, Harness, Node, prune, registered_runs
+from rucher.testing.harness import Harness, prune, registered_runs
+from rucher.testing.harness_node import NATS_MONITOR_PORT, Node
 
 CHECKOUT = Path(__file__).resolve().parents[3]
 
