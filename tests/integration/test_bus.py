@@ -291,3 +291,18 @@ async def test_flush_in_order_writes_buffered_commands_before_its_ping(nats_serv
     finally:
         transport.write, transport.writelines = write, writelines  # type: ignore[method-assign]
         await nc.close()
+
+
+async def test_flush_in_order_can_be_cancelled(nats_server):
+    """A task cancelled while it waits for the buffer to be written is cancelled (nats-py's
+    ``_flush_pending`` swallows the cancellation: a console pump cancelled there went on)."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.subscribe("t.cancel")  # something in the buffer
+        flushing = asyncio.create_task(flush_in_order(nc))
+        await asyncio.sleep(0)  # it waits for the flusher now
+        flushing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flushing
+    finally:
+        await nc.close()

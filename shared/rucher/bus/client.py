@@ -334,8 +334,16 @@ async def flush_in_order(nc: Client) -> None:
     socket, ahead of commands still in its buffer, so a subscription made just before could
     reach the server after the PONG (seen: a peer's first message published in that gap was
     lost). The buffer is written out first, then the PING makes the round trip.
+
+    The flusher task is handed a future of this call's own rather than going through
+    ``_flush_pending(force_flush=True)``, which swallows a cancellation: a console pump cancelled
+    there went on reading, and its task never ended.
     """
-    await nc._flush_pending(force_flush=True)
+    flusher, queue = nc._flusher_task, nc._flush_queue
+    if nc.is_connected and flusher is not None and not flusher.done() and queue is not None:
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await queue.put(written)  # the flusher writes its buffer out, then resolves it
+        await written
     await nc.flush()
 
 
