@@ -223,7 +223,11 @@ class KV(Generic[T]):
                         ErrorCode.UNAVAILABLE, f"cannot watch {self.bucket.name}: {err!r}"
                     ) from err
                 await asyncio.sleep(0.1)
-        if info.num_pending == 0 and sub.delivered == 0:
+        # Empty only if the server has delivered nothing either: a value it sent before this
+        # answer may still be on its way to ``on_msg``, which then marks the catching up
+        # (``sub.delivered`` counts only what has arrived, so it raced and listed nothing).
+        delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+        if info.num_pending == 0 and delivered == 0:
             caught_up = True
             await queue.put(None)
 
