@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from rucher.proto.base import Subject
 from rucher.proto.guest import GuestLock, GuestRecord, GuestType
+from rucher.tasks.ports import TaskBody, TaskLog, TaskSubmitter
 
-
-class TaskLog(Protocol):
-    """A running task as its body sees it: its UPID and its log."""
-
-    upid: str
-
-    async def log(self, text: str) -> None:
-        """Append one line."""
-
-
-TaskBody = Callable[[TaskLog], Awaitable[None]]
-
-
-class TaskSubmitter(Protocol):
-    """Runs bodies as Proxmox tasks (``rucher.tasks.TaskRunner``)."""
-
-    async def submit(
-        self,
-        *,
-        task_type: str,
-        task_id: str,
-        user: str,
-        body: TaskBody,
-        command_id: str | None = None,
-    ) -> str:
-        """Start ``body`` and return its UPID."""
+__all__ = ["EventSink", "GuestStore", "TaskBody", "TaskLog", "TaskSubmitter"]
 
 
 class GuestStore(Protocol):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -11,6 +11,19 @@ import msgspec
 from rucher.proto.base import Address
 from rucher.proto.guest import GuestType
 from rucher.proto.storage import StorageRecord
+from rucher.tasks.ports import TaskBody, TaskLog, TaskSubmitter
+
+__all__ = [
+    "DefinitionBook",
+    "EventSink",
+    "Fetcher",
+    "GuestDirectory",
+    "TaskBody",
+    "TaskLog",
+    "TaskSubmitter",
+    "UploadInfo",
+    "UploadSource",
+]
 
 E = TypeVar("E", bound=msgspec.Struct)
 
@@ -61,35 +74,6 @@ class EventSink(Protocol):
 
     def emit(self, address: Address[E], event: E) -> None:
         """Publish ``event`` on ``address`` in the background."""
-        ...
-
-
-class TaskLog(Protocol):
-    """What a running task's body gets: its UPID and its log."""
-
-    upid: str
-
-    async def log(self, text: str) -> None:
-        """Append a line to the task log."""
-        ...
-
-
-TaskBody = Callable[[TaskLog], Awaitable[None]]
-
-
-class TaskSubmitter(Protocol):
-    """Starts long operations as Proxmox tasks (``rucher.tasks.TaskRunner``)."""
-
-    async def submit(
-        self,
-        *,
-        task_type: str,
-        task_id: str,
-        user: str,
-        body: TaskBody,
-        command_id: str | None = None,
-    ) -> str:
-        """Start ``body`` and return the task's UPID at once."""
         ...
 
 
