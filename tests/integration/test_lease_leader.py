@@ -8,13 +8,42 @@ import time
 import nats.errors
 import pytest
 
-from rucher.bus import RucherError
+from rucher.bus import Bus, RucherError
 from rucher.bus.provision import lead_here
 from rucher.leases import Lease, ensure_node_lease_bucket, node_lease_name
 
 from .buses import connected, until
 
 pytestmark = pytest.mark.slow
+
+
+async def moved_to(bus: Bus, stream: str, server: str) -> None:
+    """Ask until ``stream`` is led by ``server`` (the bus's own); fails with every attempt seen.
+
+    An attempt may meet an election (no leader answers) or a replica the leader has not heard
+    from lately (nothing asked); each is retried, as the HA agent's LocalLeader does.
+    """
+    seen: list[str] = []
+
+    async def there() -> bool:
+        try:
+            await lead_here(bus, stream)
+            cluster = (await bus.js.stream_info(stream)).cluster
+        except (RucherError, nats.errors.Error) as err:
+            seen.append(f"{type(err).__name__}: {err}")
+            return False  # an election runs: no leader answers for a moment
+        assert cluster is not None
+        replicas = [
+            f"{r.name}(current={r.current},seen={(r.active or 0) / 1e9:.2f}s ago)"
+            for r in cluster.replicas or []
+        ]
+        seen.append(f"leader={cluster.leader} replicas={' '.join(replicas)}")
+        return cluster.leader == server
+
+    try:
+        await until(there, timeout=40, every=0.5)
+    except TimeoutError:
+        pytest.fail(f"{stream} never led by {server}; attempts:\n" + "\n".join(seen))
 
 
 async def test_the_lease_bucket_is_led_from_here_and_renews_through_another_servers_death(
@@ -31,14 +60,7 @@ async def test_the_lease_bucket_is_led_from_here_and_renews_through_another_serv
             return (await bus.js.stream_info(stream)).cluster.leader == second.name
 
         # However the election went, the leader is moved here (asked again until it is).
-        async def moved() -> bool:
-            try:
-                await lead_here(bus, stream)
-                return await led_here()
-            except (RucherError, nats.errors.Error):
-                return False  # an election runs: no leader answers for a moment
-
-        await until(moved, timeout=20, every=0.5)
+        await moved_to(bus, stream, second.name)
         assert await lead_here(bus, stream) == second.name  # nothing to move any more
 
         lease = Lease.named(bus, node_lease_name("x2"), holder="x2/ha", ttl=5.0)
@@ -66,14 +88,4 @@ async def test_a_stream_led_elsewhere_is_moved_to_the_asking_server(nats_cluster
         bucket = await ensure_node_lease_bucket(bus_a, "moving")
         stream = f"KV_{bucket.name}"
         for bus, server in ((bus_a, first), (bus_c, third), (bus_a, first)):
-
-            async def there(bus=bus, server=server) -> bool:
-                try:
-                    return await lead_here(bus, stream) == server.name and await led_by(bus)
-                except (RucherError, nats.errors.Error):
-                    return False  # an election runs: no leader answers for a moment
-
-            async def led_by(bus=bus, server=server) -> bool:
-                return (await bus.js.stream_info(stream)).cluster.leader == server.name
-
-            await until(there, timeout=20, every=0.5)
+            await moved_to(bus, stream, server.name)

@@ -150,13 +150,35 @@ async def provision(
     return size
 
 
+# How recently the leader must have heard from this server for a hand-over to land here, in
+# seconds; under nats-server's own limit (three 1 s heartbeats) with room for the request's way.
+TRANSFER_SEEN_WITHIN = 2.0
+
+
+def _takes_over(replica: api.PeerInfo, here: str) -> bool:
+    """Whether the leader would hand over to ``replica``: this server, current, online, seen lately.
+
+    ``active`` is the time since the leader last heard from the peer, 0 when it never has.
+    """
+    seen_ns = replica.active or 0
+    return (
+        replica.name == here
+        and bool(replica.current)
+        and not replica.offline
+        and 0 < seen_ns < TRANSFER_SEEN_WITHIN * 1e9
+    )
+
+
 async def lead_here(bus: Bus, stream: str, *, timeout: float = 2.0) -> str:
     """Move ``stream``'s Raft leader to the server this connection is on; returns the leader.
 
     A stream whose leader is a node's own server stays writable from that node while any other
     server is lost. The current leader is asked to step down in favour of this server (JetStream's
     preferred placement); nothing is asked when it already leads here, when the stream has no
-    leader (an election runs) or when this server is not one of its current replicas.
+    leader (an election runs), or when this server is not a current replica the leader heard from
+    within ``TRANSFER_SEEN_WITHIN``: a leader hands over only to a peer seen within three Raft
+    heartbeats (3 s) and otherwise gives the lead to any other peer, or to none, which would move
+    it away from everyone for an election and ask again (seen in CI: never led here in 20 s).
     """
     here = bus.server_name
     try:
@@ -166,7 +188,7 @@ async def lead_here(bus: Bus, stream: str, *, timeout: float = 2.0) -> str:
             return here  # a lone server leads everything
         if not here or not cluster.leader or cluster.leader == here:
             return cluster.leader or ""
-        if not any(r.name == here and r.current for r in cluster.replicas or []):
+        if not any(_takes_over(replica, here) for replica in cluster.replicas or []):
             return cluster.leader
         request = {"placement": {"preferred": here}}
         reply = await bus.nc.request(
