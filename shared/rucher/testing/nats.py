@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,9 +30,45 @@ def nats_server_binary() -> str:
     return found
 
 
+# Ports handed out lately, never handed out twice while their servers may still be starting.
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=256)
+# Lowest port a test server gets: above the well-known and registered ports of the stack's own
+# daemons (NATS 4222, Ceph 3300/6789, the gateway's 8006).
+LOWEST_PORT = 20000
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections (Linux's default if unknown)."""
+    with contextlib.suppress(OSError, ValueError):
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now."""
-    with socket.socket() as sock:
+    """A TCP port free on ``host`` right now, outside the kernel's ephemeral range.
+
+    A port the kernel picks (``bind(0)``) comes from the ephemeral range, where any outgoing
+    connection may take it before the server binds it (seen in CI: a nats-server's cluster port
+    was "already in use"). Outside that range only another listener can, and none picks it so.
+    """
+    low, high = ephemeral_ports()
+    ranges = [(LOWEST_PORT, low - 1)] if low - 1 - LOWEST_PORT >= 1000 else []
+    if high < 65535 - 1000:
+        ranges.append((high + 1, 65535))
+    for _ in range(200 if ranges else 0):
+        first, last = secrets.choice(ranges)
+        port = first + secrets.randbelow(last - first + 1)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue  # in use, or lingering in TIME_WAIT
+        _HANDED_OUT.append(port)
+        return port
+    with socket.socket() as sock:  # a kernel without room outside its ephemeral range
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 

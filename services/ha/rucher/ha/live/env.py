@@ -277,14 +277,17 @@ class LiveEnv:
         self._written = (content, time.monotonic())
 
     def read_service_config(self) -> dict[str, ServiceConfig]:
-        """The resources, each on the node that owns its guest."""
+        """The resources, each on the node that owns its guest, as the registry's leader has it.
+
+        Read directly: right after a recovery the registry's new owner must be seen at once. When
+        the leader does not answer (an election) the round fails (``OSError``) and runs again;
+        the watch's copy is no stand-in, since it may still name the fenced node (seen in CI: an
+        LRM answered "not on this node" for a guest it had just started, and the manager
+        live-migrated it away under that wrong error).
+        """
         resources = self.cache.resources()
         vmids = [v for v in (vmid_of(sid) for sid in resources.resources) if v is not None]
-        try:
-            # Directly: right after a recovery the registry's new owner must be seen at once.
-            guests = self.bridge.call(self.actions.guest_records(vmids), self.timeouts.read)
-        except OSError:
-            guests = self.cache.guests()
+        guests = self.bridge.call(self.actions.guest_records(vmids), self.timeouts.read)
         return service_configs(resources, guests)
 
     def update_service_config(self, sid: str, state: str) -> None:
