@@ -26,6 +26,7 @@ class QemuProcess:
     guest: str
     uuid: str | None
     netns: int | None
+    incoming: bool = False  # started as a live migration's target (``-incoming``)
 
 
 def guest_name(argv: list[str]) -> str | None:
@@ -97,6 +98,7 @@ def scan(proc: Path = PROC) -> Iterator[QemuProcess]:
             guest=name,
             uuid=guest_uuid(argv),
             netns=netns_inode(pid, proc),
+            incoming="-incoming" in argv,
         )
 
 

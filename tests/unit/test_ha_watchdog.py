@@ -269,14 +269,15 @@ def test_hardware_watchdog_pets_and_magic_closes(tmp_path: Path):
     assert fifo.read_bytes() == b"\0V"
 
 
-def fake_qemu(vmid: int) -> subprocess.Popen[bytes]:
+def fake_qemu(vmid: int, *, incoming: bool = False) -> subprocess.Popen[bytes]:
     """A process whose command line looks like libvirt's QEMU for guest ``rucher-VMID``."""
     return subprocess.Popen(
         [
             "bash",
             "-c",
             f'exec -a qemu-system-x86_64 {sys.executable} -c "import time; time.sleep(60)" '
-            f"-name guest=rucher-{vmid},debug-threads=on -uuid 00000000-0000-0000-0000-{vmid:012d}",
+            f"-name guest=rucher-{vmid},debug-threads=on -uuid 00000000-0000-0000-0000-{vmid:012d}"
+            + (" -incoming defer" if incoming else ""),
         ]
     )
 
@@ -291,12 +292,13 @@ def _wait_listed(vmid: int) -> qemuproc.QemuProcess:
 
 
 def test_proc_scan_and_sigkill_in_this_netns():
-    ha, other = fake_qemu(901), fake_qemu(902)
+    ha, other = fake_qemu(901), fake_qemu(902, incoming=True)
     try:
         found = _wait_listed(901)
         assert found.uuid == "00000000-0000-0000-0000-000000000901"
         assert found.netns == qemuproc.own_netns()
-        _wait_listed(902)
+        assert not found.incoming
+        assert _wait_listed(902).incoming  # a live migration's target
         assert killer.sigkill_ha_processes({901}, qemuproc.own_netns()) == [901]
         assert killer.wait_gone({901}, qemuproc.own_netns())
         assert ha.wait(5) == -9

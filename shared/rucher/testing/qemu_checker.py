@@ -12,6 +12,10 @@ interval starts at the process's own start time (exact to a clock tick) and ends
 no longer sees it: ``last_seen`` is the last sample that saw it, ``gone_by`` the first that did
 not. Strict checking (the default) counts a guest as running until ``gone_by``, so a hand-over
 faster than one sampling period is reported rather than missed.
+
+A live migration's target is a QEMU started with ``-incoming``: it runs no guest code until its
+source has stopped and handed over, so its overlap with the guest's earlier process is a
+migration, not a double run.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class Interval:
     start: float
     last_seen: float
     gone_by: float | None = None
+    incoming: bool = False
 
     def end(self, *, strict: bool) -> float:
         """When it stopped: ``gone_by`` when strict (or the latest sample while it runs)."""
@@ -75,6 +80,10 @@ class DoubleRun:
         )
 
 
+# One process in a sample: pid, start ticks, guest, node, start time, migration target or not.
+Seen = tuple[int, int, str, str, float, bool]
+
+
 @dataclass
 class RunLog:
     """Intervals per guest and node, built from samples; the pure part of the checker."""
@@ -82,15 +91,17 @@ class RunLog:
     intervals: list[Interval] = field(default_factory=list)
     _open: dict[tuple[int, int], Interval] = field(default_factory=dict)
 
-    def record(self, at: float, seen: Iterable[tuple[int, int, str, str, float]]) -> None:
-        """One sample at ``at``: ``(pid, start_ticks, guest, node, start)`` of every process."""
+    def record(self, at: float, seen: Iterable[Seen]) -> None:
+        """One sample at ``at``: ``(pid, start_ticks, guest, node, start, incoming)`` of each."""
         current: set[tuple[int, int]] = set()
-        for pid, ticks, guest, node, start in seen:
+        for pid, ticks, guest, node, start, incoming in seen:
             key = (pid, ticks)
             current.add(key)
             interval = self._open.get(key)
             if interval is None:
-                interval = Interval(guest=guest, node=node, pid=pid, start=start, last_seen=at)
+                interval = Interval(
+                    guest=guest, node=node, pid=pid, start=start, last_seen=at, incoming=incoming
+                )
                 self._open[key] = interval
                 self.intervals.append(interval)
             interval.last_seen = at
@@ -111,7 +122,10 @@ class RunLog:
         return found
 
     def double_runs(self, *, strict: bool = True) -> list[DoubleRun]:
-        """Every pair of intervals of one guest on two different nodes that overlap."""
+        """Every pair of intervals of one guest on two different nodes that overlap.
+
+        A later migration target (``incoming``) overlapping its source is a live migration.
+        """
         by_guest: dict[str, list[Interval]] = {}
         for interval in self.intervals:
             by_guest.setdefault(interval.guest, []).append(interval)
@@ -122,7 +136,7 @@ class RunLog:
                 for second in ordered[index + 1 :]:
                     if second.start >= first.end(strict=strict):
                         break
-                    if second.node == first.node:
+                    if second.node == first.node or second.incoming:
                         continue
                     found.append(
                         DoubleRun(
@@ -148,13 +162,13 @@ def netns_inode(name: str, directory: Path = NETNS_DIR) -> int:
     return os.stat(directory / name).st_ino
 
 
-Raw = tuple[int, int, str, int | None, float]
+Raw = tuple[int, int, str, int | None, float, bool]
 
 
 def scan_raw(proc: Path = qemuproc.PROC) -> list[Raw]:
-    """One sample: ``(pid, start ticks, guest, netns inode, start time)`` of each QEMU process."""
+    """One sample: ``(pid, start ticks, guest, netns inode, start time, incoming)`` of each QEMU."""
     return [
-        (p.pid, p.start_ticks, p.guest, p.netns, p.start_ticks / CLOCK_TICKS)
+        (p.pid, p.start_ticks, p.guest, p.netns, p.start_ticks / CLOCK_TICKS, p.incoming)
         for p in qemuproc.scan(proc)
     ]
 
@@ -211,8 +225,8 @@ class QemuChecker:
 
     def _record(self, at: float, raw: list[Raw]) -> None:
         seen = [
-            (pid, ticks, guest, self.node_of(netns), started)
-            for pid, ticks, guest, netns, started in raw
+            (pid, ticks, guest, self.node_of(netns), started, incoming)
+            for pid, ticks, guest, netns, started, incoming in raw
             if self.accept(guest)
         ]
         with self._lock:
@@ -235,8 +249,8 @@ class QemuChecker:
         for line in child.stdout:
             data = json.loads(line)
             raw: list[Raw] = [
-                (pid, ticks, guest, netns, started)
-                for pid, ticks, guest, netns, started in data["seen"]
+                (pid, ticks, guest, netns, started, incoming)
+                for pid, ticks, guest, netns, started, incoming in data["seen"]
             ]
             self._record(data["at"], raw)
 
